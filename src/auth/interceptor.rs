@@ -1,0 +1,161 @@
+//! Reads `authorization: Bearer <token>` and verifies the token's form,
+//! signature and expiry synchronously (no I/O, so it fits tonic's interceptor).
+//! The outcome goes into the request extensions; whether the session is still
+//! live is checked by the handler, against the database, on every call.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status, metadata::MetadataMap, service::Interceptor};
+
+use super::tokens::{AccessToken, TokenService};
+use crate::domain::Timestamp;
+
+/// What the interceptor found, for handlers to read from the extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerOutcome {
+    /// A well-formed, correctly signed, unexpired access token.
+    Verified(AccessToken),
+    /// No `authorization` metadata at all.
+    Missing,
+    /// Present but unusable: wrong scheme, bad signature, expired, ...
+    Rejected,
+}
+
+/// Verifies bearer tokens. With `required`, a call without a usable token is
+/// refused here; otherwise (AuthService, where some RPCs are public) the
+/// outcome is only recorded and the handler decides.
+#[derive(Clone)]
+pub struct BearerInterceptor {
+    tokens: Arc<TokenService>,
+    required: bool,
+}
+
+impl BearerInterceptor {
+    pub fn required(tokens: Arc<TokenService>) -> Self {
+        Self {
+            tokens,
+            required: true,
+        }
+    }
+
+    pub fn optional(tokens: Arc<TokenService>) -> Self {
+        Self {
+            tokens,
+            required: false,
+        }
+    }
+
+    fn inspect(&self, metadata: &MetadataMap) -> BearerOutcome {
+        let Some(value) = metadata.get("authorization") else {
+            return BearerOutcome::Missing;
+        };
+        let Some(token) = value.to_str().ok().and_then(bearer_token) else {
+            return BearerOutcome::Rejected;
+        };
+        match self.tokens.verify_access(token, Timestamp::now()) {
+            Ok(access) => BearerOutcome::Verified(access),
+            Err(_) => BearerOutcome::Rejected,
+        }
+    }
+}
+
+/// The token of a `Bearer` credential; the scheme is case-insensitive.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+pub const MISSING_TOKEN: &str = "missing bearer token";
+pub const INVALID_TOKEN: &str = "invalid or expired access token";
+
+impl Interceptor for BearerInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let outcome = self.inspect(request.metadata());
+        if self.required {
+            match outcome {
+                BearerOutcome::Verified(_) => {}
+                BearerOutcome::Missing => return Err(Status::unauthenticated(MISSING_TOKEN)),
+                BearerOutcome::Rejected => return Err(Status::unauthenticated(INVALID_TOKEN)),
+            }
+        }
+        request.extensions_mut().insert(outcome);
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("abc"), None);
+    }
+
+    fn request_with(header: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(header) = header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.parse().unwrap());
+        }
+        request
+    }
+
+    #[test]
+    fn required_mode_refuses_missing_and_bad_tokens_and_passes_good_ones() {
+        let tokens = Arc::new(TokenService::new(
+            &[7; 32],
+            "localhost",
+            Duration::from_secs(60),
+        ));
+        let now = Timestamp::now();
+        let (good, _) = tokens
+            .issue_access(3, 9, now, now.plus(Duration::from_secs(3600)))
+            .unwrap();
+        let mut interceptor = BearerInterceptor::required(Arc::clone(&tokens));
+
+        let missing = interceptor.call(request_with(None)).unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        let forged = interceptor
+            .call(request_with(Some("Bearer a.b.c")))
+            .unwrap_err();
+        assert_eq!(forged.code(), tonic::Code::Unauthenticated);
+
+        let passed = interceptor
+            .call(request_with(Some(&format!("bearer {good}"))))
+            .unwrap();
+        let outcome = passed.extensions().get::<BearerOutcome>().copied();
+        assert!(
+            matches!(outcome, Some(BearerOutcome::Verified(t)) if t.user_id == 3 && t.session_id == 9)
+        );
+    }
+
+    #[test]
+    fn optional_mode_records_the_outcome_instead_of_refusing() {
+        let tokens = Arc::new(TokenService::new(
+            &[7; 32],
+            "localhost",
+            Duration::from_secs(60),
+        ));
+        let mut interceptor = BearerInterceptor::optional(tokens);
+        let passed = interceptor.call(request_with(Some("Bearer junk"))).unwrap();
+        assert_eq!(
+            passed.extensions().get::<BearerOutcome>(),
+            Some(&BearerOutcome::Rejected)
+        );
+        let passed = interceptor.call(request_with(None)).unwrap();
+        assert_eq!(
+            passed.extensions().get::<BearerOutcome>(),
+            Some(&BearerOutcome::Missing)
+        );
+    }
+}

@@ -1,0 +1,621 @@
+//! Typed configuration from environment variables (and an optional `.env`),
+//! with every default in one place. The variable names are the contract's
+//! (`../shared/API.md`); a bad value stops startup with one line naming it.
+
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+
+/// A configuration problem, always naming the variable at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {variable}: {message}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+fn bad(variable: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        message: message.into(),
+    }
+}
+
+/// Which database, decided once from `DATABASE_URL`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    /// An SQLite file (created if missing), or `None` for a private in-memory database.
+    Sqlite(Option<PathBuf>),
+    /// A PostgreSQL connection URL in sqlx form (`postgres://…`).
+    Postgres(String),
+}
+
+impl fmt::Debug for DatabaseTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "Sqlite({path:?})"),
+            Self::Postgres(url) => write!(f, "Postgres({})", redact_password(url)),
+        }
+    }
+}
+
+impl DatabaseTarget {
+    /// Parses the sqlx forms and the seed's SQLAlchemy forms of `DATABASE_URL`.
+    ///
+    /// `sqlite://rel` and `sqlite:///rel` are relative to the working directory
+    /// (the latter is SQLAlchemy's relative form), `sqlite:////abs` is absolute;
+    /// `postgresql://`, `postgresql+<driver>://` and `postgres://` are PostgreSQL.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        const VAR: &str = "DATABASE_URL";
+        let url = url.trim();
+        let (scheme, rest) = url
+            .split_once(':')
+            .ok_or_else(|| bad(VAR, "expected a URL such as sqlite://backend.db"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        let base_scheme = scheme.split('+').next().unwrap_or_default();
+        match base_scheme {
+            "sqlite" => {
+                if rest == ":memory:" || rest == "//:memory:" {
+                    return Ok(Self::Sqlite(None));
+                }
+                let path = rest
+                    .strip_prefix("//")
+                    .ok_or_else(|| bad(VAR, "expected sqlite://<path>"))?;
+                let path = path.split('?').next().unwrap_or_default();
+                // SQLAlchemy: three slashes then a relative path, four for an absolute one.
+                let path = match path.strip_prefix('/') {
+                    Some(after_root) if after_root.starts_with('/') => after_root,
+                    Some(relative) => relative,
+                    None => path,
+                };
+                if path.is_empty() {
+                    return Err(bad(VAR, "the SQLite file path is empty"));
+                }
+                if path == ":memory:" {
+                    return Ok(Self::Sqlite(None));
+                }
+                Ok(Self::Sqlite(Some(PathBuf::from(path))))
+            }
+            "postgres" | "postgresql" => {
+                let authority = rest
+                    .strip_prefix("//")
+                    .ok_or_else(|| bad(VAR, "expected postgres://user@host/database"))?;
+                if authority.is_empty() {
+                    return Err(bad(VAR, "the PostgreSQL URL names no host"));
+                }
+                Ok(Self::Postgres(format!("postgres://{authority}")))
+            }
+            "" => Err(bad(VAR, "expected a URL such as sqlite://backend.db")),
+            other => Err(bad(
+                VAR,
+                format!("unsupported scheme {other:?}; use sqlite:// or postgres://"),
+            )),
+        }
+    }
+
+    /// The path of the file that keeps the generated signing key, for SQLite files.
+    pub fn secret_file(&self) -> Option<PathBuf> {
+        match self {
+            Self::Sqlite(Some(path)) => {
+                let mut name = path.as_os_str().to_owned();
+                name.push(".secret");
+                Some(PathBuf::from(name))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `postgres://user:secret@host` as `postgres://user:***@host`, for logs.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// TLS certificate and key file paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub database: DatabaseTarget,
+    pub host: IpAddr,
+    /// 0 lets the OS pick a port (tests).
+    pub port: u16,
+    /// Public name of the service; the `iss` of every access token.
+    pub domain: String,
+    /// `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
+    /// HS256 signing key. `None` means "generate and keep beside the SQLite file".
+    pub secret_key: Option<Vec<u8>>,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub bcrypt_cost: u32,
+    pub login_account_failures: u32,
+    pub login_address_failures: u32,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_concurrent_calls: usize,
+    pub max_pending_hashes: usize,
+    pub reflection: bool,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database", &self.database)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("domain", &self.domain)
+            .field("tls", &self.tls)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "***"))
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("refresh_token_ttl", &self.refresh_token_ttl)
+            .field("bcrypt_cost", &self.bcrypt_cost)
+            .field("login_account_failures", &self.login_account_failures)
+            .field("login_address_failures", &self.login_address_failures)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("max_concurrent_calls", &self.max_concurrent_calls)
+            .field("max_pending_hashes", &self.max_pending_hashes)
+            .field("reflection", &self.reflection)
+            .finish()
+    }
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://backend.db";
+pub const MIN_SECRET_KEY_BYTES: usize = 32;
+
+impl Config {
+    /// Reads the process environment (after loading `.env`, if present).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from any variable source; `lookup` returns
+    /// `None` for an unset variable.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+
+        let database = DatabaseTarget::parse(
+            get("DATABASE_URL")
+                .as_deref()
+                .unwrap_or(DEFAULT_DATABASE_URL),
+        )?;
+        let host = match get("AI_MESSAGE_HOST") {
+            Some(host) => host
+                .trim()
+                .parse()
+                .map_err(|_| bad("AI_MESSAGE_HOST", format!("{host:?} is not an IP address")))?,
+            None => IpAddr::from([0, 0, 0, 0]),
+        };
+        let port = parse_number(get("AI_MESSAGE_PORT"), "AI_MESSAGE_PORT", 8000, 0..=65535)?;
+        let domain = get("AI_MESSAGE_DOMAIN").unwrap_or_else(|| "localhost".to_owned());
+        let tls = tls_files(get("AI_MESSAGE_SSL_CERT"), get("AI_MESSAGE_SSL_KEY"))?;
+        let secret_key = match lookup("AI_MESSAGE_SECRET_KEY") {
+            Some(key) if key.len() >= MIN_SECRET_KEY_BYTES => Some(key.into_bytes()),
+            Some(_) => {
+                return Err(bad(
+                    "AI_MESSAGE_SECRET_KEY",
+                    format!("must be at least {MIN_SECRET_KEY_BYTES} bytes"),
+                ));
+            }
+            None if matches!(database, DatabaseTarget::Postgres(_)) => {
+                return Err(bad(
+                    "AI_MESSAGE_SECRET_KEY",
+                    "must be set when DATABASE_URL is PostgreSQL",
+                ));
+            }
+            None => None,
+        };
+        let access_token_ttl = match get("AI_MESSAGE_ACCESS_TOKEN_TTL") {
+            Some(text) => parse_ttl(&text).map_err(|m| bad("AI_MESSAGE_ACCESS_TOKEN_TTL", m))?,
+            None => Duration::from_secs(30 * 60),
+        };
+        let refresh_token_ttl = match get("AI_MESSAGE_REFRESH_TOKEN_TTL") {
+            Some(text) => parse_ttl(&text).map_err(|m| bad("AI_MESSAGE_REFRESH_TOKEN_TTL", m))?,
+            None => Duration::from_secs(7 * 24 * 3600),
+        };
+        let bcrypt_cost = parse_number(
+            get("AI_MESSAGE_BCRYPT_COST"),
+            "AI_MESSAGE_BCRYPT_COST",
+            12,
+            4..=31,
+        )?;
+        let login_account_failures = parse_number(
+            get("AI_MESSAGE_LOGIN_ACCOUNT_FAILURES"),
+            "AI_MESSAGE_LOGIN_ACCOUNT_FAILURES",
+            10,
+            1..=1_000_000,
+        )?;
+        let login_address_failures = parse_number(
+            get("AI_MESSAGE_LOGIN_ADDRESS_FAILURES"),
+            "AI_MESSAGE_LOGIN_ADDRESS_FAILURES",
+            50,
+            1..=1_000_000,
+        )?;
+        let trusted_proxies = match get("AI_MESSAGE_TRUSTED_PROXIES") {
+            Some(list) => {
+                parse_networks(&list).map_err(|m| bad("AI_MESSAGE_TRUSTED_PROXIES", m))?
+            }
+            None => Vec::new(),
+        };
+        let max_concurrent_calls = parse_number(
+            get("AI_MESSAGE_MAX_CONCURRENT_CALLS"),
+            "AI_MESSAGE_MAX_CONCURRENT_CALLS",
+            1024,
+            1..=1_000_000,
+        )?;
+        let max_pending_hashes = parse_number(
+            get("AI_MESSAGE_MAX_PENDING_HASHES"),
+            "AI_MESSAGE_MAX_PENDING_HASHES",
+            64,
+            1..=1_000_000,
+        )?;
+        let reflection = match get("AI_MESSAGE_REFLECTION") {
+            Some(text) => parse_bool(&text).map_err(|m| bad("AI_MESSAGE_REFLECTION", m))?,
+            None => true,
+        };
+        Ok(Self {
+            database,
+            host,
+            port,
+            domain,
+            tls,
+            secret_key,
+            access_token_ttl,
+            refresh_token_ttl,
+            bcrypt_cost,
+            login_account_failures,
+            login_address_failures,
+            trusted_proxies,
+            max_concurrent_calls,
+            max_pending_hashes,
+            reflection,
+        })
+    }
+
+    /// A configuration for tests and tools: defaults, the given database,
+    /// port 0 on loopback, a fixed key and the cheapest bcrypt cost.
+    pub fn for_tests(database: DatabaseTarget) -> Self {
+        Self {
+            database,
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            domain: "localhost".to_owned(),
+            tls: None,
+            secret_key: Some(b"test-secret-key-of-at-least-32-bytes!".to_vec()),
+            access_token_ttl: Duration::from_secs(30 * 60),
+            refresh_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            bcrypt_cost: 4,
+            login_account_failures: 10,
+            login_address_failures: 50,
+            trusted_proxies: Vec::new(),
+            max_concurrent_calls: 1024,
+            max_pending_hashes: 64,
+            reflection: true,
+        }
+    }
+}
+
+fn parse_number<T>(
+    value: Option<String>,
+    variable: &'static str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    let number: T = text.trim().parse().map_err(|_| {
+        bad(
+            variable,
+            format!(
+                "{text:?} is not a whole number between {} and {}",
+                range.start(),
+                range.end()
+            ),
+        )
+    })?;
+    if !range.contains(&number) {
+        return Err(bad(
+            variable,
+            format!("{number} is outside {}..={}", range.start(), range.end()),
+        ));
+    }
+    Ok(number)
+}
+
+/// `30m`, `7d`, `45s`, `12h`: a positive integer and one unit.
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let expected = || format!("{text:?} is not a positive integer followed by s, m, h or d");
+    let unit_at = text.len().checked_sub(1).ok_or_else(expected)?;
+    let (number, unit) = text.split_at(unit_at);
+    let seconds_per_unit: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(expected()),
+    };
+    let number: u64 = number.parse().map_err(|_| expected())?;
+    if number == 0 {
+        return Err(expected());
+    }
+    number
+        .checked_mul(seconds_per_unit)
+        .filter(|seconds| *seconds <= 100 * 365 * 86_400)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is longer than 100 years"))
+}
+
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{text:?} is not true or false")),
+    }
+}
+
+/// Comma-separated addresses or CIDRs; a bare address is a one-host network.
+pub fn parse_networks(list: &str) -> Result<Vec<IpNet>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{item:?} is not an address or CIDR"))
+        })
+        .collect()
+}
+
+const DEFAULT_CERT: &str = "ssl/cert.pem";
+const DEFAULT_KEY: &str = "ssl/key.pem";
+
+/// TLS when both files exist, plaintext when neither does; anything in between,
+/// or an explicitly named file that is missing, is an error.
+fn tls_files(cert: Option<String>, key: Option<String>) -> Result<Option<TlsFiles>, ConfigError> {
+    let check = |variable: &'static str, explicit: &Option<String>, default: &str| {
+        let path = PathBuf::from(explicit.as_deref().unwrap_or(default));
+        let exists = Path::new(&path).is_file();
+        if explicit.is_some() && !exists {
+            return Err(bad(
+                variable,
+                format!("file {} does not exist", path.display()),
+            ));
+        }
+        Ok((path, exists))
+    };
+    let (cert_path, cert_exists) = check("AI_MESSAGE_SSL_CERT", &cert, DEFAULT_CERT)?;
+    let (key_path, key_exists) = check("AI_MESSAGE_SSL_KEY", &key, DEFAULT_KEY)?;
+    match (cert_exists, key_exists) {
+        (true, true) => Ok(Some(TlsFiles {
+            cert: cert_path,
+            key: key_path,
+        })),
+        (false, false) => Ok(None),
+        (true, false) => Err(bad(
+            "AI_MESSAGE_SSL_KEY",
+            format!(
+                "{} does not exist but the certificate does",
+                key_path.display()
+            ),
+        )),
+        (false, true) => Err(bad(
+            "AI_MESSAGE_SSL_CERT",
+            format!("{} does not exist but the key does", cert_path.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = config(&[]).unwrap();
+        assert_eq!(
+            config.database,
+            DatabaseTarget::Sqlite(Some("backend.db".into()))
+        );
+        assert_eq!(config.host.to_string(), "0.0.0.0");
+        assert_eq!(config.port, 8000);
+        assert_eq!(config.domain, "localhost");
+        assert_eq!(config.access_token_ttl, Duration::from_secs(1800));
+        assert_eq!(config.refresh_token_ttl, Duration::from_secs(7 * 86_400));
+        assert_eq!(config.bcrypt_cost, 12);
+        assert_eq!(config.max_concurrent_calls, 1024);
+        assert_eq!(config.max_pending_hashes, 64);
+        assert!(config.reflection);
+        assert!(config.secret_key.is_none());
+    }
+
+    #[test]
+    fn seed_sqlalchemy_urls_mean_what_they_meant() {
+        let cases = [
+            (
+                "sqlite:///./backend.db",
+                DatabaseTarget::Sqlite(Some("./backend.db".into())),
+            ),
+            (
+                "sqlite:///backend.db",
+                DatabaseTarget::Sqlite(Some("backend.db".into())),
+            ),
+            (
+                "sqlite:////var/lib/app.db",
+                DatabaseTarget::Sqlite(Some("/var/lib/app.db".into())),
+            ),
+            (
+                "sqlite://data/x.db",
+                DatabaseTarget::Sqlite(Some("data/x.db".into())),
+            ),
+            ("sqlite::memory:", DatabaseTarget::Sqlite(None)),
+            (
+                "postgresql://u:p@db/app",
+                DatabaseTarget::Postgres("postgres://u:p@db/app".into()),
+            ),
+            (
+                "postgresql+psycopg2://u:p@db:5433/app",
+                DatabaseTarget::Postgres("postgres://u:p@db:5433/app".into()),
+            ),
+            (
+                "postgres://db/app",
+                DatabaseTarget::Postgres("postgres://db/app".into()),
+            ),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(DatabaseTarget::parse(url).unwrap(), expected, "{url}");
+        }
+    }
+
+    #[test]
+    fn bad_database_urls_name_the_variable() {
+        for url in [
+            "mysql://x/y",
+            "backend.db",
+            "sqlite:",
+            "sqlite://",
+            "postgres://",
+        ] {
+            let error = DatabaseTarget::parse(url).unwrap_err();
+            assert_eq!(error.variable, "DATABASE_URL", "{url}");
+            assert!(error.to_string().contains("DATABASE_URL"));
+        }
+    }
+
+    #[test]
+    fn postgres_needs_an_explicit_secret_key() {
+        let error = config(&[("DATABASE_URL", "postgres://h/db")]).unwrap_err();
+        assert_eq!(error.variable, "AI_MESSAGE_SECRET_KEY");
+        let key = "k".repeat(32);
+        let ok = config(&[
+            ("DATABASE_URL", "postgres://h/db"),
+            ("AI_MESSAGE_SECRET_KEY", &key),
+        ]);
+        assert_eq!(ok.unwrap().secret_key.unwrap(), key.as_bytes());
+    }
+
+    #[test]
+    fn short_secret_keys_are_refused() {
+        let error = config(&[("AI_MESSAGE_SECRET_KEY", "short")]).unwrap_err();
+        assert_eq!(error.variable, "AI_MESSAGE_SECRET_KEY");
+    }
+
+    #[test]
+    fn ttls_take_a_positive_integer_and_a_unit() {
+        assert_eq!(parse_ttl("45s").unwrap(), Duration::from_secs(45));
+        assert_eq!(parse_ttl("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_ttl("12h").unwrap(), Duration::from_secs(43_200));
+        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_secs(604_800));
+        for bad_value in ["0m", "-1m", "m", "10", "1.5h", "10w", "", "99999999999999d"] {
+            assert!(parse_ttl(bad_value).is_err(), "{bad_value}");
+        }
+        let error = config(&[("AI_MESSAGE_ACCESS_TOKEN_TTL", "soon")]).unwrap_err();
+        assert_eq!(error.variable, "AI_MESSAGE_ACCESS_TOKEN_TTL");
+    }
+
+    #[test]
+    fn bcrypt_cost_must_be_between_4_and_31() {
+        assert_eq!(
+            config(&[("AI_MESSAGE_BCRYPT_COST", "4")])
+                .unwrap()
+                .bcrypt_cost,
+            4
+        );
+        for value in ["3", "32", "twelve"] {
+            let error = config(&[("AI_MESSAGE_BCRYPT_COST", value)]).unwrap_err();
+            assert_eq!(error.variable, "AI_MESSAGE_BCRYPT_COST");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases = [
+            ("AI_MESSAGE_PORT", "http"),
+            ("AI_MESSAGE_HOST", "example.com"),
+            ("AI_MESSAGE_REFLECTION", "maybe"),
+            ("AI_MESSAGE_TRUSTED_PROXIES", "10.0.0.0/8, nonsense"),
+            ("AI_MESSAGE_MAX_CONCURRENT_CALLS", "0"),
+            ("AI_MESSAGE_SSL_CERT", "/nonexistent/cert.pem"),
+        ];
+        for (variable, value) in cases {
+            let error = config(&[(variable, value)]).unwrap_err();
+            assert_eq!(error.variable, variable, "{value}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_accept_addresses_and_cidrs() {
+        let nets = parse_networks("10.0.0.0/8, 192.168.1.7,::1").unwrap();
+        assert_eq!(nets.len(), 3);
+        assert!(nets[1].contains(&"192.168.1.7".parse::<IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn one_tls_file_without_the_other_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, "x").unwrap();
+        let cert = cert.to_str().unwrap();
+        let missing_key = dir.path().join("key.pem");
+        let error = config(&[
+            ("AI_MESSAGE_SSL_CERT", cert),
+            ("AI_MESSAGE_SSL_KEY", missing_key.to_str().unwrap()),
+        ])
+        .unwrap_err();
+        assert_eq!(error.variable, "AI_MESSAGE_SSL_KEY");
+    }
+
+    #[test]
+    fn secret_file_sits_beside_the_database_file() {
+        let target = DatabaseTarget::parse("sqlite://data/app.db").unwrap();
+        assert_eq!(
+            target.secret_file(),
+            Some(PathBuf::from("data/app.db.secret"))
+        );
+        assert_eq!(DatabaseTarget::Sqlite(None).secret_file(), None);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let key = "s".repeat(40);
+        let config = config(&[
+            ("DATABASE_URL", "postgres://app:hunter2@db/app"),
+            ("AI_MESSAGE_SECRET_KEY", &key),
+        ])
+        .unwrap();
+        let text = format!("{config:?}");
+        assert!(!text.contains("hunter2"));
+        assert!(!text.contains(&key));
+    }
+}

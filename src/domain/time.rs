@@ -1,0 +1,71 @@
+//! Time as whole microseconds since the Unix epoch (UTC): the storage format
+//! on both backends, and cheap to compare. Functions that judge expiry take
+//! `now` as a parameter so tests need no sleeping.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    pub const fn from_micros(micros: i64) -> Self {
+        Self(micros)
+    }
+
+    pub fn now() -> Self {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self(i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    pub const fn micros(self) -> i64 {
+        self.0
+    }
+
+    /// Whole seconds since the epoch, rounded down.
+    pub const fn seconds(self) -> i64 {
+        self.0.div_euclid(1_000_000)
+    }
+
+    pub fn plus(self, duration: Duration) -> Self {
+        let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_add(micros))
+    }
+
+    /// Whole seconds from `self` until `later`, rounded down, never negative.
+    pub fn whole_seconds_until(self, later: Self) -> i64 {
+        (later.0 - self.0).max(0) / 1_000_000
+    }
+
+    pub fn to_proto(self) -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: self.0.div_euclid(1_000_000),
+            // The remainder is below 1,000,000, so the product fits.
+            nanos: i32::try_from(self.0.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remaining_seconds_round_down_and_never_go_negative() {
+        let start = Timestamp::from_micros(10_000_000);
+        assert_eq!(
+            start.whole_seconds_until(Timestamp::from_micros(12_999_999)),
+            2
+        );
+        assert_eq!(start.whole_seconds_until(Timestamp::from_micros(5)), 0);
+    }
+
+    #[test]
+    fn proto_conversion_keeps_microseconds() {
+        let t = Timestamp::from_micros(1_700_000_000_123_456);
+        let p = t.to_proto();
+        assert_eq!(p.seconds, 1_700_000_000);
+        assert_eq!(p.nanos, 123_456_000);
+    }
+}

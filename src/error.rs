@@ -1,0 +1,179 @@
+//! `AppError`, the one error type of the rules layer, and its one mapping to
+//! `tonic::Status`. Handlers return `AppError` with `?`; storage errors arrive
+//! through `From<StorageError>`.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::storage::StorageError;
+
+/// One bad request field: its name exactly as in the request message, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: &'static str,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            field,
+            description: description.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Request fields that break the contract's rules; never empty.
+    #[error("invalid request: {}", describe(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    /// A unique field already taken by another record.
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(&'static str),
+    /// The database (or another dependency) cannot be reached right now.
+    #[error("service temporarily unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    /// A bug or an unexpected server-side failure; details stay in the log.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl AppError {
+    pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    pub fn internal(error: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(error.into())
+    }
+}
+
+impl From<StorageError> for AppError {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::Conflict(field) => Self::AlreadyExists(field),
+            StorageError::NotFound(what) => Self::NotFound(format!("{what} not found")),
+            StorageError::Unavailable(source) => Self::Unavailable(source.into()),
+            StorageError::Internal(source) => Self::Internal(source.into()),
+        }
+    }
+}
+
+impl From<AppError> for Status {
+    fn from(error: AppError) -> Self {
+        let message = error.to_string();
+        match error {
+            AppError::InvalidArgument(violations) => {
+                let mut details = ErrorDetails::new();
+                for violation in &violations {
+                    details.add_bad_request_violation(violation.field, &violation.description);
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            AppError::Unauthenticated(_) => Status::unauthenticated(message),
+            AppError::PermissionDenied(_) => Status::permission_denied(message),
+            AppError::NotFound(_) => Status::not_found(message),
+            AppError::AlreadyExists(_) => Status::already_exists(message),
+            AppError::FailedPrecondition(_) => Status::failed_precondition(message),
+            AppError::ResourceExhausted(_) => Status::resource_exhausted(message),
+            AppError::Unavailable(source) => {
+                tracing::warn!(error = %error_chain(source.as_ref()), "dependency unavailable");
+                Status::unavailable(message)
+            }
+            AppError::Internal(source) => {
+                tracing::error!(error = %error_chain(source.as_ref()), "internal error");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// The whole `source()` chain on one line, for the server log only.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_one_bad_request_violation_per_field() {
+        let error = AppError::InvalidArgument(vec![
+            FieldViolation::new("username", "too short"),
+            FieldViolation::new("email", "not an email address"),
+        ]);
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let bad_request = status
+            .get_details_bad_request()
+            .expect("a BadRequest detail");
+        let fields: Vec<_> = bad_request
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["username", "email"]);
+        assert!(status.message().contains("username: too short"));
+    }
+
+    #[test]
+    fn internal_and_unavailable_never_leak_their_source_text() {
+        let secret = "relation \"users\" does not exist at 10.0.0.5";
+        for (error, code) in [
+            (AppError::internal(anyhow::anyhow!(secret)), Code::Internal),
+            (
+                AppError::Unavailable(anyhow::anyhow!(secret)),
+                Code::Unavailable,
+            ),
+        ] {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code);
+            assert!(!status.message().contains("relation"));
+        }
+    }
+
+    #[test]
+    fn each_variant_maps_to_its_code() {
+        let cases = [
+            (AppError::Unauthenticated("x"), Code::Unauthenticated),
+            (AppError::PermissionDenied("x"), Code::PermissionDenied),
+            (AppError::NotFound("x".into()), Code::NotFound),
+            (AppError::AlreadyExists("username"), Code::AlreadyExists),
+            (
+                AppError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (AppError::ResourceExhausted("x"), Code::ResourceExhausted),
+        ];
+        for (error, code) in cases {
+            assert_eq!(Status::from(error).code(), code);
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! AuthService: registration, login, refresh-token rotation, logout and the
+//! caller's own profile, plus ValidateToken for internal services.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{AppState, client_address, convert::user_to_proto};
+use crate::{
+    auth::{RefreshToken, tokens::AccessToken},
+    domain::{self, Bio, Email, FullName, NewAccount, NewPassword, Timestamp, Violations},
+    error::AppError,
+    proto::{self, auth_service_server::AuthService},
+    storage::{NewSession, NewUser, ProfileChanges, RefreshOutcome, UserRecord},
+};
+
+/// The one answer for every failed login, so that it reveals nothing.
+const LOGIN_FAILED: &str = "invalid username or password";
+const REFRESH_FAILED: &str = "invalid, expired or revoked refresh token";
+const TOKEN_TYPE: &str = "bearer";
+/// Longest `device_info` kept; a longer `user-agent` is cut to it.
+const MAX_DEVICE_INFO_CHARS: usize = 255;
+
+pub struct AuthApi {
+    state: Arc<AppState>,
+}
+
+impl AuthApi {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    async fn user_with_roles(&self, user: &UserRecord) -> Result<proto::User, AppError> {
+        let roles = self.state.db.role_names(user.id).await?;
+        Ok(user_to_proto(user, roles))
+    }
+
+    fn access_token(
+        &self,
+        user_id: i64,
+        session_id: i64,
+        now: Timestamp,
+        session_expires_at: Timestamp,
+    ) -> Result<(String, i64), AppError> {
+        self.state
+            .tokens
+            .issue_access(user_id, session_id, now, session_expires_at)
+            .map_err(AppError::internal)
+    }
+
+    async fn login(
+        &self,
+        request: Request<proto::LoginRequest>,
+    ) -> Result<proto::LoginResponse, AppError> {
+        let ip_address = client_address(&request, &self.state.config.trusted_proxies);
+        let user_agent = request
+            .metadata()
+            .get("user-agent")
+            .and_then(|value| value.to_str().ok())
+            .map(|agent| {
+                agent
+                    .chars()
+                    .take(MAX_DEVICE_INFO_CHARS)
+                    .collect::<String>()
+            });
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        violations.check(domain::reject_nul("username", &body.username));
+        violations.check(domain::reject_nul("password", &body.password));
+        if let Some(device) = &body.device_info {
+            violations.check(domain::reject_nul("device_info", device));
+            if device.chars().count() > MAX_DEVICE_INFO_CHARS {
+                violations.push(crate::error::FieldViolation::new(
+                    "device_info",
+                    "must be at most 255 characters long",
+                ));
+            }
+        }
+        violations.into_result()?;
+
+        let hasher = &self.state.hasher;
+        let user = if body.username.is_empty() {
+            None
+        } else {
+            self.state.db.find_user_by_login(&body.username).await?
+        };
+        let Some(user) = user else {
+            // Unknown users cost one verification too, so timing reveals nothing.
+            hasher.verify_dummy().await?;
+            return Err(AppError::Unauthenticated(LOGIN_FAILED));
+        };
+        if body.password.is_empty() || !hasher.verify(&body.password, &user.password_hash).await? {
+            return Err(AppError::Unauthenticated(LOGIN_FAILED));
+        }
+        if !user.is_active {
+            return Err(AppError::PermissionDenied("this account is disabled"));
+        }
+
+        let now = Timestamp::now();
+        let session_expires_at = now.plus(self.state.config.refresh_token_ttl);
+        let refresh = RefreshToken::generate();
+        let session = self
+            .state
+            .db
+            .create_session(NewSession {
+                user_id: user.id,
+                device_info: body.device_info.or(user_agent).filter(|d| !d.is_empty()),
+                ip_address: ip_address.map(|ip| ip.to_string()),
+                now: now.micros(),
+                expires_at: session_expires_at.micros(),
+                refresh_token_hash: refresh.hash,
+            })
+            .await?;
+        let (access_token, access_expires_at) =
+            self.access_token(user.id, session.id, now, session_expires_at)?;
+        tracing::info!(
+            user_id = user.id,
+            session_id = session.id,
+            "login succeeded"
+        );
+        Ok(proto::LoginResponse {
+            access_token,
+            refresh_token: refresh.token,
+            token_type: TOKEN_TYPE.to_owned(),
+            expires_in: seconds_until(now, access_expires_at),
+            refresh_expires_in: now.whole_seconds_until(session_expires_at),
+            session_id: session.id,
+        })
+    }
+
+    async fn refresh(&self, presented: &str) -> Result<proto::RefreshTokenResponse, AppError> {
+        let presented_hash = RefreshToken::hash_presented(presented)
+            .ok_or(AppError::Unauthenticated(REFRESH_FAILED))?;
+        let now = Timestamp::now();
+        let replacement = RefreshToken::generate();
+        let outcome = self
+            .state
+            .db
+            .rotate_refresh_token(&presented_hash, &replacement.hash, now.micros())
+            .await?;
+        let (user_id, session_id, session_expires_at) = match outcome {
+            RefreshOutcome::Rotated {
+                user_id,
+                session_id,
+                session_expires_at,
+            } => (
+                user_id,
+                session_id,
+                Timestamp::from_micros(session_expires_at),
+            ),
+            RefreshOutcome::Reused { session_id } => {
+                tracing::warn!(
+                    session_id,
+                    "spent refresh token presented again; session revoked"
+                );
+                return Err(AppError::Unauthenticated(REFRESH_FAILED));
+            }
+            RefreshOutcome::Invalid => return Err(AppError::Unauthenticated(REFRESH_FAILED)),
+        };
+        let (access_token, access_expires_at) =
+            self.access_token(user_id, session_id, now, session_expires_at)?;
+        Ok(proto::RefreshTokenResponse {
+            access_token,
+            refresh_token: replacement.token,
+            token_type: TOKEN_TYPE.to_owned(),
+            expires_in: seconds_until(now, access_expires_at),
+            refresh_expires_in: now.whole_seconds_until(session_expires_at),
+        })
+    }
+
+    async fn update_me(
+        &self,
+        request: Request<proto::UpdateMeRequest>,
+    ) -> Result<proto::UpdateMeResponse, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let email = body
+            .email
+            .as_deref()
+            .and_then(|email| violations.check(Email::parse("email", email)));
+        let full_name = body
+            .full_name
+            .as_deref()
+            .and_then(|name| violations.check(FullName::parse(name)));
+        let bio = body
+            .bio
+            .as_deref()
+            .and_then(|bio| violations.check(Bio::parse(bio)));
+        violations.into_result()?;
+        let changes = ProfileChanges {
+            email: email.map(|email| email.as_str().to_owned()),
+            full_name: full_name.map(FullName::into_inner),
+            bio: bio.map(Bio::into_inner),
+        };
+        let user = self
+            .state
+            .db
+            .update_profile(caller.user.id, changes, Timestamp::now().micros())
+            .await?;
+        Ok(proto::UpdateMeResponse {
+            user: Some(self.user_with_roles(&user).await?),
+        })
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<proto::ChangePasswordRequest>,
+    ) -> Result<(), AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        violations.check(domain::reject_nul(
+            "current_password",
+            &body.current_password,
+        ));
+        let new_password = violations.check(NewPassword::parse(
+            "new_password",
+            &body.new_password,
+            &caller.user.username,
+            &caller.user.email,
+        ));
+        violations.into_result()?;
+        let hasher = &self.state.hasher;
+        if !hasher
+            .verify(&body.current_password, &caller.user.password_hash)
+            .await?
+        {
+            return Err(AppError::invalid(
+                "current_password",
+                "is not the current password",
+            ));
+        }
+        let Some(new_password) = new_password else {
+            return Err(AppError::invalid("new_password", "is missing"));
+        };
+        let new_hash = hasher.hash(new_password.as_str()).await?;
+        self.state
+            .db
+            .change_password(
+                caller.user.id,
+                &new_hash,
+                caller.session_id,
+                Timestamp::now().micros(),
+            )
+            .await?;
+        tracing::info!(
+            user_id = caller.user.id,
+            session_id = caller.session_id,
+            "password changed"
+        );
+        Ok(())
+    }
+
+    async fn validate(&self, token: &str) -> Result<proto::ValidateTokenResponse, AppError> {
+        let inactive = proto::ValidateTokenResponse::default();
+        let now = Timestamp::now();
+        let Ok(AccessToken {
+            user_id,
+            session_id,
+            expires_at,
+        }) = self.state.tokens.verify_access(token, now)
+        else {
+            return Ok(inactive);
+        };
+        let Some(user) = self
+            .state
+            .db
+            .find_live_session_user(session_id, user_id, now.micros())
+            .await?
+        else {
+            return Ok(inactive);
+        };
+        Ok(proto::ValidateTokenResponse {
+            active: true,
+            user_id,
+            username: user.username.clone(),
+            session_id,
+            is_superuser: user.is_superuser,
+            roles: self.state.db.role_names(user_id).await?,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: expires_at,
+                nanos: 0,
+            }),
+        })
+    }
+}
+
+/// Whole seconds from `now` until the `exp` second, rounded down.
+fn seconds_until(now: Timestamp, exp_seconds: i64) -> i64 {
+    now.whole_seconds_until(Timestamp::from_micros(
+        exp_seconds.saturating_mul(1_000_000),
+    ))
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthApi {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterResponse>, Status> {
+        let body = request.into_inner();
+        let account = NewAccount::parse(
+            &body.username,
+            &body.email,
+            &body.password,
+            body.full_name.as_deref(),
+        )?;
+        let password_hash = self.state.hasher.hash(account.password.as_str()).await?;
+        let user = self
+            .state
+            .db
+            .create_user(NewUser {
+                username: account.username.as_str().to_owned(),
+                email: account.email.as_str().to_owned(),
+                password_hash,
+                full_name: account.full_name.map(FullName::into_inner),
+                is_superuser: false,
+                now: Timestamp::now().micros(),
+            })
+            .await
+            .map_err(AppError::from)?;
+        tracing::info!(user_id = user.id, "user registered");
+        Ok(Response::new(proto::RegisterResponse {
+            user: Some(user_to_proto(&user, Vec::new())),
+        }))
+    }
+
+    async fn login(
+        &self,
+        request: Request<proto::LoginRequest>,
+    ) -> Result<Response<proto::LoginResponse>, Status> {
+        Ok(Response::new(AuthApi::login(self, request).await?))
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<proto::RefreshTokenRequest>,
+    ) -> Result<Response<proto::RefreshTokenResponse>, Status> {
+        Ok(Response::new(
+            self.refresh(&request.get_ref().refresh_token).await?,
+        ))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<proto::LogoutRequest>,
+    ) -> Result<Response<proto::LogoutResponse>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        self.state
+            .db
+            .revoke_session(caller.session_id, caller.user.id, Timestamp::now().micros())
+            .await
+            .map_err(AppError::from)?;
+        tracing::info!(
+            user_id = caller.user.id,
+            session_id = caller.session_id,
+            "logout"
+        );
+        Ok(Response::new(proto::LogoutResponse {}))
+    }
+
+    async fn logout_all(
+        &self,
+        request: Request<proto::LogoutAllRequest>,
+    ) -> Result<Response<proto::LogoutAllResponse>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        let revoked = self
+            .state
+            .db
+            .revoke_user_sessions(caller.user.id, Timestamp::now().micros())
+            .await
+            .map_err(AppError::from)?;
+        tracing::info!(
+            user_id = caller.user.id,
+            revoked,
+            "logout from every session"
+        );
+        Ok(Response::new(proto::LogoutAllResponse {
+            revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn get_me(
+        &self,
+        request: Request<proto::GetMeRequest>,
+    ) -> Result<Response<proto::GetMeResponse>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        Ok(Response::new(proto::GetMeResponse {
+            user: Some(self.user_with_roles(&caller.user).await?),
+        }))
+    }
+
+    async fn update_me(
+        &self,
+        request: Request<proto::UpdateMeRequest>,
+    ) -> Result<Response<proto::UpdateMeResponse>, Status> {
+        Ok(Response::new(AuthApi::update_me(self, request).await?))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<proto::ChangePasswordRequest>,
+    ) -> Result<Response<proto::ChangePasswordResponse>, Status> {
+        AuthApi::change_password(self, request).await?;
+        Ok(Response::new(proto::ChangePasswordResponse {}))
+    }
+
+    async fn validate_token(
+        &self,
+        request: Request<proto::ValidateTokenRequest>,
+    ) -> Result<Response<proto::ValidateTokenResponse>, Status> {
+        Ok(Response::new(
+            self.validate(&request.get_ref().token).await?,
+        ))
+    }
+}

@@ -1,0 +1,92 @@
+//! The gRPC protocol layer: one thin adapter per service. Every RPC reads the
+//! same: caller from the extensions, request parsed into domain values, one
+//! storage call, errors mapped by `AppError -> Status`, result converted.
+
+pub mod auth;
+mod convert;
+pub mod health;
+pub mod message;
+pub mod middleware;
+pub mod session;
+pub mod user_admin;
+
+use std::{net::IpAddr, sync::Arc};
+
+use ipnet::IpNet;
+use tonic::Request;
+
+use crate::{
+    auth::{BearerOutcome, PasswordHasher, TokenService, interceptor},
+    config::Config,
+    domain::Timestamp,
+    error::AppError,
+    storage::{Database, UserRecord},
+};
+
+/// Everything the handlers share, built once at startup.
+pub struct AppState {
+    pub db: Arc<dyn Database>,
+    pub tokens: Arc<TokenService>,
+    pub hasher: Arc<PasswordHasher>,
+    pub config: Config,
+}
+
+/// The authenticated caller of one RPC: a live session of an active user.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: UserRecord,
+    pub session_id: i64,
+}
+
+impl AppState {
+    /// Turns the interceptor's verdict into a caller, checking on every call
+    /// that the session is still live and the user active. This database read
+    /// is what makes revocation immediate on every instance sharing the database.
+    pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, AppError> {
+        let access = match request.extensions().get::<BearerOutcome>() {
+            Some(BearerOutcome::Verified(access)) => *access,
+            Some(BearerOutcome::Rejected) => {
+                return Err(AppError::Unauthenticated(interceptor::INVALID_TOKEN));
+            }
+            Some(BearerOutcome::Missing) | None => {
+                return Err(AppError::Unauthenticated(interceptor::MISSING_TOKEN));
+            }
+        };
+        let user = self
+            .db
+            .find_live_session_user(access.session_id, access.user_id, Timestamp::now().micros())
+            .await?
+            .ok_or(AppError::Unauthenticated(
+                "the session has ended; log in again",
+            ))?;
+        Ok(Caller {
+            user,
+            session_id: access.session_id,
+        })
+    }
+}
+
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy,
+/// the rightmost `x-forwarded-for` entry that is not itself a trusted proxy.
+pub fn client_address<T>(request: &Request<T>, trusted_proxies: &[IpNet]) -> Option<IpAddr> {
+    let peer = request.remote_addr()?.ip();
+    let is_trusted = |ip: &IpAddr| trusted_proxies.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<IpAddr> = request
+        .metadata()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|item| item.trim().parse().ok())
+        .collect();
+    Some(
+        forwarded
+            .into_iter()
+            .rev()
+            .find(|ip| !is_trusted(ip))
+            .unwrap_or(peer),
+    )
+}

@@ -1,0 +1,273 @@
+//! Wiring: connect and migrate, resolve the signing key, bind (port 0 allowed),
+//! then serve until a shutdown future resolves. Tests drive the same two steps.
+
+use std::{io::Write as _, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use rand::RngCore as _;
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tonic_health::ServingStatus;
+
+use crate::{
+    auth::{BearerInterceptor, PasswordHasher, TokenService},
+    config::{Config, DatabaseTarget, redact_password},
+    proto::{
+        self, auth_service_server::AuthServiceServer, message_service_server::MessageServiceServer,
+        session_service_server::SessionServiceServer,
+        user_admin_service_server::UserAdminServiceServer,
+    },
+    services::{
+        AppState, auth::AuthApi, health, message::MessageApi, middleware::CallLogLayer,
+        session::SessionApi, user_admin::UserAdminApi,
+    },
+    storage::{self, Database},
+};
+
+/// Largest request the server decodes; larger ones get RESOURCE_EXHAUSTED.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// A well-formed database URL that cannot be reached stops startup within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens the configured database, with an error naming `DATABASE_URL`.
+pub async fn connect_database(target: &DatabaseTarget) -> anyhow::Result<Arc<dyn Database>> {
+    let described = match target {
+        DatabaseTarget::Sqlite(Some(path)) => format!("sqlite://{}", path.display()),
+        DatabaseTarget::Sqlite(None) => "sqlite::memory:".to_owned(),
+        DatabaseTarget::Postgres(url) => redact_password(url),
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, storage::open(target)).await {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(error)) => Err(error.context(format!("DATABASE_URL: cannot open {described}"))),
+        Err(_) => {
+            anyhow::bail!("DATABASE_URL: no answer from {described} within {CONNECT_TIMEOUT:?}")
+        }
+    }
+}
+
+/// The HS256 key: the configured one, else (SQLite) one generated once and
+/// kept in a 0600 file beside the database, else (in-memory) a random one.
+pub fn resolve_secret_key(config: &Config) -> anyhow::Result<Vec<u8>> {
+    if let Some(key) = &config.secret_key {
+        return Ok(key.clone());
+    }
+    let generated = || {
+        let mut bytes = [0u8; 48];
+        rand::rng().fill_bytes(&mut bytes);
+        URL_SAFE_NO_PAD.encode(bytes).into_bytes()
+    };
+    let Some(path) = config.database.secret_file() else {
+        return Ok(generated());
+    };
+    match std::fs::read(&path) {
+        Ok(key) if key.len() >= crate::config::MIN_SECRET_KEY_BYTES => return Ok(key),
+        Ok(_) => anyhow::bail!(
+            "AI_MESSAGE_SECRET_KEY: the key file {} is shorter than 32 bytes",
+            path.display()
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("AI_MESSAGE_SECRET_KEY: cannot read {}", path.display()));
+        }
+    }
+    let key = generated();
+    write_private_file(&path, &key)
+        .with_context(|| format!("AI_MESSAGE_SECRET_KEY: cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "generated a signing key");
+    Ok(key)
+}
+
+fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// A built server: database open and migrated, port bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    address: SocketAddr,
+    state: Arc<AppState>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        if config.bcrypt_cost < 10 {
+            tracing::warn!(
+                cost = config.bcrypt_cost,
+                "AI_MESSAGE_BCRYPT_COST is below 10: passwords are cheap to crack"
+            );
+        }
+        let db = connect_database(&config.database).await?;
+        db.migrate()
+            .await
+            .context("DATABASE_URL: applying migrations failed")?;
+        let secret = resolve_secret_key(&config)?;
+        let tokens = Arc::new(TokenService::new(
+            &secret,
+            &config.domain,
+            config.access_token_ttl,
+        ));
+        let hasher = PasswordHasher::new(config.bcrypt_cost, config.max_pending_hashes);
+        let listener = TcpListener::bind((config.host, config.port))
+            .await
+            .with_context(|| {
+                format!(
+                    "AI_MESSAGE_PORT: cannot listen on {}:{}",
+                    config.host, config.port
+                )
+            })?;
+        let address = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            address,
+            state: Arc::new(AppState {
+                db,
+                tokens,
+                hasher,
+                config,
+            }),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Serves until `shutdown` resolves; then health turns NOT_SERVING, new
+    /// connections stop, and in-flight calls finish before this returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            address,
+            state,
+        } = self;
+        let config = &state.config;
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let probe = tokio::spawn(health::probe_database(
+            Arc::clone(&state.db),
+            health_reporter.clone(),
+            stop_rx,
+        ));
+
+        let required = BearerInterceptor::required(Arc::clone(&state.tokens));
+        let optional = BearerInterceptor::optional(Arc::clone(&state.tokens));
+        let auth = AuthServiceServer::new(AuthApi::new(Arc::clone(&state)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let user_admin =
+            UserAdminServiceServer::new(UserAdminApi).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let session =
+            SessionServiceServer::new(SessionApi).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let message =
+            MessageServiceServer::new(MessageApi).max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+        let mut builder = Server::builder();
+        if let Some(tls) = &config.tls {
+            let cert = std::fs::read(&tls.cert).with_context(|| {
+                format!("AI_MESSAGE_SSL_CERT: cannot read {}", tls.cert.display())
+            })?;
+            let key = std::fs::read(&tls.key).with_context(|| {
+                format!("AI_MESSAGE_SSL_KEY: cannot read {}", tls.key.display())
+            })?;
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+                .context("AI_MESSAGE_SSL_CERT: invalid certificate or key")?;
+        }
+        let (reflection_v1, reflection_v1alpha) = if config.reflection {
+            (
+                Some(
+                    tonic_reflection::server::Builder::configure()
+                        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                        .build_v1()?,
+                ),
+                Some(
+                    tonic_reflection::server::Builder::configure()
+                        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                        .build_v1alpha()?,
+                ),
+            )
+        } else {
+            (None, None)
+        };
+
+        let router = builder
+            .layer(CallLogLayer)
+            .add_service(health_service)
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                auth, optional,
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                user_admin,
+                required.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                session,
+                required.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                message, required,
+            ));
+
+        let scheme = if config.tls.is_some() {
+            "TLS"
+        } else {
+            "plaintext"
+        };
+        tracing::info!(%address, scheme, "serving gRPC");
+        let reporter = health_reporter.clone();
+        let on_shutdown = async move {
+            shutdown.await;
+            tracing::info!("shutting down: reporting NOT_SERVING, finishing in-flight calls");
+            let _ = stop_tx.send(true);
+            health::set_all(&reporter, ServingStatus::NotServing).await;
+        };
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let served = router
+            .serve_with_incoming_shutdown(incoming, on_shutdown)
+            .await;
+        let _ = probe.await;
+        state.db.close().await;
+        served.context("the gRPC server failed")
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

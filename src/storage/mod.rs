@@ -1,0 +1,303 @@
+//! Storage: repository traits, their records and errors. SQL only; no rules
+//! and no protocol types live here (those belong to `auth`, `domain` and
+//! `services`). Each backend implements every trait; `open` picks the backend
+//! once, from the `DATABASE_URL` scheme.
+//!
+//! All times are microseconds since the Unix epoch (`i64`). Multi-step writes
+//! are one method and one transaction.
+
+#[macro_use]
+mod sql;
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::DatabaseTarget;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A unique column already holds this value; names the request field.
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    /// The row to change does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The database cannot be reached (or is busy beyond its timeout).
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error")]
+    Internal(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_unavailable(&error) {
+            Self::Unavailable(error)
+        } else {
+            Self::Internal(error)
+        }
+    }
+}
+
+/// Connection-level failures, which clients should retry, as opposed to bugs.
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: connection exceptions (08), shutdown and crash (57P0x),
+            // too many connections (53300). SQLite: BUSY (5) and LOCKED (6).
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "53300"
+                || code == "5"
+                || code == "6"
+        }
+        _ => false,
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRecord {
+    pub id: i64,
+    pub username: String,
+    pub email: String,
+    pub password_hash: String,
+    pub full_name: Option<String>,
+    pub bio: Option<String>,
+    pub is_active: bool,
+    pub is_superuser: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+pub struct NewUser {
+    pub username: String,
+    /// Already lower-cased.
+    pub email: String,
+    pub password_hash: String,
+    pub full_name: Option<String>,
+    pub is_superuser: bool,
+    pub now: i64,
+}
+
+/// UpdateMe: `None` leaves a column as it is.
+#[derive(Default)]
+pub struct ProfileChanges {
+    pub email: Option<String>,
+    pub full_name: Option<String>,
+    pub bio: Option<String>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SessionRecord {
+    pub id: i64,
+    pub user_id: i64,
+    pub device_info: Option<String>,
+    pub ip_address: Option<String>,
+    pub is_active: bool,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: i64,
+}
+
+pub struct NewSession {
+    pub user_id: i64,
+    pub device_info: Option<String>,
+    pub ip_address: Option<String>,
+    pub now: i64,
+    /// Absolute end of the session (login time plus the refresh lifetime).
+    pub expires_at: i64,
+    /// SHA-256 of the session's first refresh token.
+    pub refresh_token_hash: Vec<u8>,
+}
+
+/// What presenting a refresh token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// The token was live and is now spent; its replacement is stored.
+    Rotated {
+        user_id: i64,
+        session_id: i64,
+        session_expires_at: i64,
+    },
+    /// The token had been spent before: treated as theft, the session is revoked.
+    Reused { session_id: i64 },
+    /// Unknown token, or its session or user is no longer live.
+    Invalid,
+}
+
+#[async_trait]
+pub trait UserRepository: Send + Sync {
+    /// Inserts a user with no roles. `Conflict("username" | "email")` when
+    /// either is taken, compared case-insensitively by a unique index.
+    async fn create_user(&self, user: NewUser) -> Result<UserRecord>;
+
+    async fn find_user(&self, user_id: i64) -> Result<Option<UserRecord>>;
+
+    /// By username or email, case-insensitively.
+    async fn find_user_by_login(&self, login: &str) -> Result<Option<UserRecord>>;
+
+    /// Applies the given changes and bumps `updated_at`; `NotFound("user")` for a
+    /// missing user, `Conflict("email")` for a taken address.
+    async fn update_profile(
+        &self,
+        user_id: i64,
+        changes: ProfileChanges,
+        now: i64,
+    ) -> Result<UserRecord>;
+
+    /// Replaces the password hash and, in the same transaction, revokes every
+    /// other live session of the user; the session `keep_session_id` stays.
+    async fn change_password(
+        &self,
+        user_id: i64,
+        password_hash: &str,
+        keep_session_id: i64,
+        now: i64,
+    ) -> Result<()>;
+
+    /// The user's role names, sorted.
+    async fn role_names(&self, user_id: i64) -> Result<Vec<String>>;
+}
+
+#[async_trait]
+pub trait SessionRepository: Send + Sync {
+    /// Inserts the session and its first refresh token in one transaction.
+    async fn create_session(&self, session: NewSession) -> Result<SessionRecord>;
+
+    /// The user behind a session, only while the session is active, unexpired
+    /// at `now`, belongs to `user_id`, and the user is active.
+    async fn find_live_session_user(
+        &self,
+        session_id: i64,
+        user_id: i64,
+        now: i64,
+    ) -> Result<Option<UserRecord>>;
+
+    /// Spends the presented refresh token and stores its replacement, atomically:
+    /// of concurrent calls with one token exactly one rotates. A token spent
+    /// before revokes its session (committed even though the caller fails).
+    async fn rotate_refresh_token(
+        &self,
+        presented_hash: &[u8],
+        replacement_hash: &[u8],
+        now: i64,
+    ) -> Result<RefreshOutcome>;
+
+    /// Revokes one session of the user; false when it was not live.
+    async fn revoke_session(&self, session_id: i64, user_id: i64, now: i64) -> Result<bool>;
+
+    /// Revokes every live session of the user; returns how many.
+    async fn revoke_user_sessions(&self, user_id: i64, now: i64) -> Result<u64>;
+}
+
+/// Applied and pending migrations, for `ai-message migrate status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationState {
+    pub version: i64,
+    pub description: String,
+    pub applied: bool,
+}
+
+/// One backend: every repository plus the operational calls.
+#[async_trait]
+pub trait Database: UserRepository + SessionRepository {
+    /// A cheap round trip, for health checks.
+    async fn ping(&self) -> Result<()>;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> Result<(), anyhow::Error>;
+
+    /// Every migration in order, applied or pending.
+    async fn migration_status(&self) -> Result<Vec<MigrationState>, anyhow::Error>;
+
+    /// Reverts the latest applied migration; returns its version (`None` if none was applied).
+    async fn revert_latest(&self) -> Result<Option<i64>, anyhow::Error>;
+
+    /// Closes the pool, waiting for connections to be returned.
+    async fn close(&self);
+}
+
+/// Connects to the database named by the configuration (creating an SQLite
+/// file if missing). Does not migrate.
+pub async fn open(target: &DatabaseTarget) -> Result<Arc<dyn Database>, anyhow::Error> {
+    Ok(match target {
+        DatabaseTarget::Sqlite(path) => Arc::new(SqliteStore::open(path.as_deref()).await?),
+        DatabaseTarget::Postgres(url) => Arc::new(PostgresStore::open(url).await?),
+    })
+}
+
+/// Migration commands, the same for both backends given their migrator.
+pub(crate) mod migrations {
+    use sqlx::{
+        Pool,
+        migrate::{AppliedMigration, Migrate, Migrator},
+    };
+
+    use super::MigrationState;
+
+    pub async fn applied<DB: sqlx::Database>(
+        pool: &Pool<DB>,
+        migrator: &Migrator,
+    ) -> anyhow::Result<Vec<AppliedMigration>>
+    where
+        DB::Connection: Migrate,
+    {
+        let mut conn = pool.acquire().await?;
+        conn.ensure_migrations_table(&migrator.table_name).await?;
+        Ok(conn.list_applied_migrations(&migrator.table_name).await?)
+    }
+
+    pub async fn status<DB: sqlx::Database>(
+        pool: &Pool<DB>,
+        migrator: &Migrator,
+    ) -> anyhow::Result<Vec<MigrationState>>
+    where
+        DB::Connection: Migrate,
+    {
+        let applied = applied(pool, migrator).await?;
+        Ok(migrator
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| MigrationState {
+                version: m.version,
+                description: m.description.to_string(),
+                applied: applied.iter().any(|a| a.version == m.version),
+            })
+            .collect())
+    }
+
+    /// Undoes only the latest applied migration; returns its version.
+    pub async fn revert_latest<DB: sqlx::Database>(
+        pool: &Pool<DB>,
+        migrator: &Migrator,
+    ) -> anyhow::Result<Option<i64>>
+    where
+        DB::Connection: Migrate,
+    {
+        let mut versions: Vec<i64> = applied(pool, migrator)
+            .await?
+            .iter()
+            .map(|a| a.version)
+            .collect();
+        versions.sort_unstable();
+        let Some(latest) = versions.pop() else {
+            return Ok(None);
+        };
+        migrator.undo(pool, versions.pop().unwrap_or(0)).await?;
+        Ok(Some(latest))
+    }
+}

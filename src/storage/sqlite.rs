@@ -1,0 +1,107 @@
+//! The embedded SQLite backend (the default).
+//!
+//! One writer connection and a few readers over a WAL database: writes never
+//! contend for the lock inside this process, readers never block the writer,
+//! and write transactions start with `BEGIN IMMEDIATE` so that another process
+//! (the CLI beside a running server) waits on `busy_timeout` instead of failing.
+
+use std::{path::Path, str::FromStr as _, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    Sqlite, SqlitePool, Transaction,
+    migrate::Migrator,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use super::{Database, MigrationState, Result, migrations};
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const READERS: u32 = 8;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the file, or a private in-memory database for `None`.
+    pub async fn open(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            // One connection: every connection to `:memory:` is its own database.
+            let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            return Ok(Self {
+                writer: pool.clone(),
+                reader: pool,
+            });
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    fn reader(&self) -> &SqlitePool {
+        &self.reader
+    }
+
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl_repositories!(SqliteStore);
+
+#[async_trait]
+impl Database for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        Ok(MIGRATOR.run(&self.writer).await?)
+    }
+
+    async fn migration_status(&self) -> anyhow::Result<Vec<MigrationState>> {
+        migrations::status(&self.writer, &MIGRATOR).await
+    }
+
+    async fn revert_latest(&self) -> anyhow::Result<Option<i64>> {
+        migrations::revert_latest(&self.writer, &MIGRATOR).await
+    }
+
+    async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
