@@ -2,6 +2,8 @@
 //! written to standard error, never carrying passwords or tokens (no handler
 //! records them as fields).
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, fmt};
 
 pub fn init() {
@@ -10,6 +12,7 @@ pub fn init() {
     let _ = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(true)
         .try_init();
 }

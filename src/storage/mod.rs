@@ -171,6 +171,10 @@ pub trait UserRepository: Send + Sync {
 
     /// The user's role names, sorted.
     async fn role_names(&self, user_id: i64) -> Result<Vec<String>>;
+
+    /// Enables or disables the user; disabling also revokes every session of
+    /// the user, in the same transaction. `NotFound("user")` for a missing user.
+    async fn set_user_active(&self, user_id: i64, active: bool, now: i64) -> Result<UserRecord>;
 }
 
 #[async_trait]
@@ -202,6 +206,9 @@ pub trait SessionRepository: Send + Sync {
 
     /// Revokes every live session of the user; returns how many.
     async fn revoke_user_sessions(&self, user_id: i64, now: i64) -> Result<u64>;
+
+    /// The user's active, unexpired sessions, newest first.
+    async fn list_live_sessions(&self, user_id: i64, now: i64) -> Result<Vec<SessionRecord>>;
 }
 
 /// Applied and pending migrations, for `ai-message migrate status`.

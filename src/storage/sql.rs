@@ -167,6 +167,36 @@ macro_rules! impl_repositories {
                 Ok(())
             }
 
+            async fn set_user_active(
+                &self,
+                user_id: i64,
+                active: bool,
+                now: i64,
+            ) -> $crate::storage::Result<$crate::storage::UserRecord> {
+                let mut tx = self.begin_write().await?;
+                let user = sqlx::query_as::<_, $crate::storage::UserRecord>(
+                    "UPDATE users SET is_active = $2, updated_at = $3 WHERE id = $1 RETURNING *",
+                )
+                .bind(user_id) // $1
+                .bind(active) // $2
+                .bind(now) // $3
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or($crate::storage::StorageError::NotFound("user"))?;
+                if !active {
+                    sqlx::query(
+                        "UPDATE sessions SET is_active = FALSE, revoked_at = $2 \
+                         WHERE user_id = $1 AND is_active",
+                    )
+                    .bind(user_id) // $1
+                    .bind(now) // $2
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(user)
+            }
+
             async fn role_names(&self, user_id: i64) -> $crate::storage::Result<Vec<String>> {
                 Ok(sqlx::query_scalar(
                     "SELECT r.name FROM roles r JOIN user_roles ur ON ur.role_id = r.id \
@@ -180,6 +210,22 @@ macro_rules! impl_repositories {
 
         #[async_trait::async_trait]
         impl $crate::storage::SessionRepository for $store {
+            async fn list_live_sessions(
+                &self,
+                user_id: i64,
+                now: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::SessionRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT id, user_id, device_info, ip_address, is_active, created_at, expires_at, \
+                     last_used_at FROM sessions WHERE user_id = $1 AND is_active AND expires_at > $2 \
+                     ORDER BY created_at DESC, id DESC",
+                )
+                .bind(user_id) // $1
+                .bind(now) // $2
+                .fetch_all(self.reader())
+                .await?)
+            }
+
             async fn create_session(
                 &self,
                 session: $crate::storage::NewSession,

@@ -1,0 +1,308 @@
+//! `spawn_app(backend)`: a real server on port 0 over a fresh database, typed
+//! clients for it, and assertion helpers.
+
+use std::{sync::Arc, time::Duration};
+
+use ai_message::{
+    config::{Config, DatabaseTarget},
+    proto::{
+        self, auth_service_client::AuthServiceClient, session_service_client::SessionServiceClient,
+        user_admin_service_client::UserAdminServiceClient,
+    },
+    services::AppState,
+    startup::Application,
+};
+use sqlx::{Connection as _, Executor as _};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Code, Request, Status, transport::Channel};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub const POSTGRES_URL_VAR: &str = "TEST_POSTGRES_URL";
+
+impl Backend {
+    /// PostgreSQL tests run only where `TEST_POSTGRES_URL` is set (CI sets it).
+    pub fn available(self) -> bool {
+        match self {
+            Self::Sqlite => true,
+            Self::Postgres => std::env::var(POSTGRES_URL_VAR).is_ok_and(|url| !url.is_empty()),
+        }
+    }
+}
+
+/// One `#[tokio::test]` per backend for each named `async fn name(backend: Backend)`.
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if !$crate::helpers::Backend::Postgres.available() {
+                        eprintln!("skipped: {} is not set", $crate::helpers::POSTGRES_URL_VAR);
+                        return;
+                    }
+                    super::$name($crate::helpers::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+/// A fresh PostgreSQL database, dropped when the test ends.
+pub struct PostgresDatabase {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl PostgresDatabase {
+    async fn create() -> Self {
+        let admin_url = std::env::var(POSTGRES_URL_VAR).unwrap();
+        let name = format!("ai_message_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("TEST_POSTGRES_URL must name a reachable PostgreSQL server");
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let (without_query, _) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+        let authority_end = without_query
+            .find("://")
+            .map(|scheme| scheme + 3)
+            .and_then(|start| without_query[start..].find('/').map(|slash| start + slash))
+            .unwrap_or(without_query.len());
+        let url = format!("{}/{name}", &without_query[..authority_end]);
+        Self {
+            admin_url,
+            name,
+            url,
+        }
+    }
+}
+
+impl Drop for PostgresDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = admin
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+                        )))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub struct TestApp {
+    pub state: Arc<AppState>,
+    pub channel: Channel,
+    pub auth: AuthServiceClient<Channel>,
+    pub admin: UserAdminServiceClient<Channel>,
+    pub sessions: SessionServiceClient<Channel>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+    _postgres: Option<PostgresDatabase>,
+}
+
+pub const TEST_SECRET: &[u8] = b"test-secret-key-of-at-least-32-bytes!";
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// Like `spawn_app`, with a chance to change the configuration first.
+pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config)) -> TestApp {
+    if std::env::var("TEST_LOG").is_ok() {
+        ai_message::telemetry::init();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(PostgresDatabase::create().await),
+    };
+    let target = match &postgres {
+        None => DatabaseTarget::Sqlite(Some(dir.path().join("test.db"))),
+        Some(database) => DatabaseTarget::Postgres(database.url.clone()),
+    };
+    let mut config = Config::for_tests(target);
+    config.secret_key = Some(TEST_SECRET.to_vec());
+    customize(&mut config);
+    let app = Application::build(config).await.unwrap();
+    let port = app.port();
+    let state = app.state();
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = shutdown_rx.await;
+    }));
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    TestApp {
+        state,
+        auth: AuthServiceClient::new(channel.clone()),
+        admin: UserAdminServiceClient::new(channel.clone()),
+        sessions: SessionServiceClient::new(channel.clone()),
+        channel,
+        shutdown: Some(shutdown_tx),
+        server: Some(server),
+        _dir: dir,
+        _postgres: postgres,
+    }
+}
+
+/// Credentials of a registered, logged-in user.
+#[derive(Debug, Clone)]
+pub struct LoggedIn {
+    pub user_id: i64,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub session_id: i64,
+}
+
+pub const PASSWORD: &str = "correct-horse-battery";
+
+impl TestApp {
+    pub async fn register(&self, username: &str) -> proto::User {
+        self.auth
+            .clone()
+            .register(proto::RegisterRequest {
+                username: username.to_owned(),
+                email: format!("{username}@example.com"),
+                password: PASSWORD.to_owned(),
+                full_name: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap()
+    }
+
+    pub async fn login(&self, login: &str, password: &str) -> Result<proto::LoginResponse, Status> {
+        self.auth
+            .clone()
+            .login(proto::LoginRequest {
+                username: login.to_owned(),
+                password: password.to_owned(),
+                device_info: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Registers `username` and logs in once.
+    pub async fn register_and_login(&self, username: &str) -> LoggedIn {
+        let user = self.register(username).await;
+        let login = self.login(username, PASSWORD).await.unwrap();
+        LoggedIn {
+            user_id: user.id,
+            access_token: login.access_token,
+            refresh_token: login.refresh_token,
+            session_id: login.session_id,
+        }
+    }
+
+    pub async fn get_me(&self, token: &str) -> Result<proto::User, Status> {
+        self.auth
+            .clone()
+            .get_me(with_bearer(proto::GetMeRequest {}, token))
+            .await
+            .map(|r| r.into_inner().user.unwrap())
+    }
+
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+    ) -> Result<proto::RefreshTokenResponse, Status> {
+        self.auth
+            .clone()
+            .refresh_token(proto::RefreshTokenRequest {
+                refresh_token: refresh_token.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("server stops within 10 s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+pub fn with_bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Ok(value) => panic!("expected {code:?}, got Ok({value:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "unexpected status: {status:?}");
+            status
+        }
+    }
+}
+
+/// The fields named by the status's `google.rpc.BadRequest` detail.
+#[track_caller]
+pub fn bad_request_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries a BadRequest detail")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}

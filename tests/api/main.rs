@@ -1,0 +1,11 @@
+//! Integration tests: one binary; each module exercises one service through a
+//! real tonic client against the real server on a random port, on SQLite and
+//! (with `TEST_POSTGRES_URL`) on PostgreSQL, a fresh database per test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[macro_use]
+mod helpers;
+mod auth;
+mod cli;
+mod platform;

@@ -1,0 +1,227 @@
+//! What every service shares: health, reflection, message limits, the
+//! services still to come, and shutdown.
+
+use bytes::{Buf as _, BufMut as _};
+use http::uri::PathAndQuery;
+use tonic::{
+    Code, Request, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+use ai_message::proto;
+
+use crate::helpers::{Backend, TestApp, assert_code, spawn_app, with_bearer};
+
+backend_tests!(
+    health_reports_serving_for_the_server_and_each_service,
+    reflection_lists_the_services,
+    requests_over_4_mib_are_resource_exhausted_and_the_server_keeps_serving,
+    undecodable_requests_are_invalid_argument,
+    services_not_built_yet_answer_unimplemented_behind_authentication,
+    shutdown_finishes_cleanly,
+);
+
+#[tokio::test]
+async fn sqlite_without_a_configured_key_keeps_a_generated_one_in_a_private_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use ai_message::{
+        config::{Config, DatabaseTarget},
+        startup::resolve_secret_key,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(DatabaseTarget::Sqlite(Some(dir.path().join("app.db"))));
+    config.secret_key = None;
+    let first = resolve_secret_key(&config).unwrap();
+    let file = dir.path().join("app.db.secret");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(first.len() >= 32);
+    assert_eq!(
+        resolve_secret_key(&config).unwrap(),
+        first,
+        "the same key on every start"
+    );
+}
+
+async fn health_reports_serving_for_the_server_and_each_service(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut health = HealthClient::new(app.channel.clone());
+    for service in [
+        "",
+        "aimessage.v1.AuthService",
+        "aimessage.v1.UserAdminService",
+        "aimessage.v1.SessionService",
+        "aimessage.v1.MessageService",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    app.stop().await;
+}
+
+async fn reflection_lists_the_services(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut reflection = ServerReflectionClient::new(app.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list, got {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "aimessage.v1.AuthService",
+        "aimessage.v1.UserAdminService",
+        "aimessage.v1.SessionService",
+        "aimessage.v1.MessageService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    app.stop().await;
+}
+
+/// Sends raw bytes as a request body, whatever they decode to.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let bytes = buf.chunk().to_vec();
+        buf.advance(bytes.len());
+        Ok(Some(bytes))
+    }
+}
+
+async fn call_raw(app: &TestApp, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        Request::new(body),
+        PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn requests_over_4_mib_are_resource_exhausted_and_the_server_keeps_serving(backend: Backend) {
+    let app = spawn_app(backend).await;
+    // A RegisterRequest whose `username` (field 1, wire type 2) is 5 MiB long.
+    let length = 5 * 1024 * 1024;
+    let mut body = vec![0x0a];
+    let mut remaining = length;
+    while remaining >= 0x80 {
+        body.push((remaining as u8 & 0x7f) | 0x80);
+        remaining >>= 7;
+    }
+    body.push(remaining as u8);
+    body.resize(body.len() + length, b'a');
+    let status = assert_code(
+        call_raw(&app, "/aimessage.v1.AuthService/Register", body).await,
+        Code::ResourceExhausted,
+    );
+    assert!(!status.message().contains("tonic"));
+    app.register("still-serving").await;
+    app.stop().await;
+}
+
+async fn undecodable_requests_are_invalid_argument(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for body in [vec![0xff, 0xff, 0xff, 0xff], vec![0x0a, 0x05, b'a']] {
+        assert_code(
+            call_raw(&app, "/aimessage.v1.AuthService/Login", body).await,
+            Code::InvalidArgument,
+        );
+    }
+    app.register("still-serving").await;
+    app.stop().await;
+}
+
+async fn services_not_built_yet_answer_unimplemented_behind_authentication(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let dana = app.register_and_login("dana").await;
+    assert_code(
+        app.sessions
+            .clone()
+            .list_sessions(proto::ListSessionsRequest {})
+            .await,
+        Code::Unauthenticated,
+    );
+    assert_code(
+        app.sessions
+            .clone()
+            .list_sessions(with_bearer(proto::ListSessionsRequest {}, "forged"))
+            .await,
+        Code::Unauthenticated,
+    );
+    assert_code(
+        app.admin
+            .clone()
+            .list_roles(with_bearer(proto::ListRolesRequest {}, &dana.access_token))
+            .await,
+        Code::Unimplemented,
+    );
+    app.stop().await;
+}
+
+async fn shutdown_finishes_cleanly(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.register("last-call").await;
+    // `stop` fails the test unless the server returns Ok within 10 seconds.
+    app.stop().await;
+}
