@@ -119,6 +119,7 @@ impl Drop for PostgresDatabase {
 }
 
 pub struct TestApp {
+    pub port: u16,
     pub state: Arc<AppState>,
     pub channel: Channel,
     pub auth: AuthServiceClient<Channel>,
@@ -163,10 +164,9 @@ pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
+        .connect_lazy();
     TestApp {
+        port,
         state,
         auth: AuthServiceClient::new(channel.clone()),
         admin: UserAdminServiceClient::new(channel.clone()),

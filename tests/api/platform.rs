@@ -225,3 +225,44 @@ async fn shutdown_finishes_cleanly(backend: Backend) {
     // `stop` fails the test unless the server returns Ok within 10 seconds.
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_served_when_certificate_and_key_exist() {
+    use ai_message::config::TlsFiles;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_pem = certified.cert.pem();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let app = crate::helpers::spawn_app_with(Backend::Sqlite, |config| {
+        config.tls = Some(TlsFiles { cert, key });
+    })
+    .await;
+
+    let channel = Channel::from_shared(format!("https://localhost:{}", app.port))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(cert_pem))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    app.stop().await;
+}
