@@ -169,10 +169,10 @@ impl Application {
         let optional = BearerInterceptor::optional(Arc::clone(&state.tokens));
         let auth = AuthServiceServer::new(AuthApi::new(Arc::clone(&state)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let user_admin =
-            UserAdminServiceServer::new(UserAdminApi).max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let session =
-            SessionServiceServer::new(SessionApi).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let user_admin = UserAdminServiceServer::new(UserAdminApi::new(Arc::clone(&state)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let session = SessionServiceServer::new(SessionApi::new(Arc::clone(&state)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let message =
             MessageServiceServer::new(MessageApi).max_decoding_message_size(MAX_MESSAGE_BYTES);
 

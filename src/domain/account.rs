@@ -226,6 +226,47 @@ impl NewAccount {
     }
 }
 
+/// A role name: 1-100 characters, no surrounding blanks, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleName(String);
+
+impl RoleName {
+    pub const FIELD: &'static str = "name";
+
+    pub fn parse(value: &str) -> Result<Self, FieldViolation> {
+        reject_nul(Self::FIELD, value)?;
+        if value.trim() != value || value.is_empty() || value.chars().count() > 100 {
+            return Err(FieldViolation::new(
+                Self::FIELD,
+                "must be 1 to 100 characters long, without leading or trailing blanks",
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(FieldViolation::new(
+                Self::FIELD,
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A role description of at most 1,000 characters.
+pub fn parse_role_description(value: &str) -> Result<String, FieldViolation> {
+    reject_nul("description", value)?;
+    if value.chars().count() > 1000 {
+        return Err(FieldViolation::new(
+            "description",
+            "must be at most 1000 characters long",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +347,15 @@ mod tests {
         };
         let fields: Vec<_> = violations.iter().map(|v| v.field).collect();
         assert_eq!(fields, ["username", "email", "password", "full_name"]);
+    }
+
+    #[test]
+    fn role_names_are_trimmed_non_empty_and_short() {
+        assert!(RoleName::parse("moderator").is_ok());
+        for bad in ["", " admin", "admin ", "a\nb", &"r".repeat(101)] {
+            assert_eq!(RoleName::parse(bad).unwrap_err().field, "name", "{bad:?}");
+        }
+        assert!(parse_role_description(&"d".repeat(1001)).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod account;
 mod common_passwords;
+pub mod paging;
 pub mod time;
 
 pub use account::{Bio, Email, FullName, NewAccount, NewPassword, Username};

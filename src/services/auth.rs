@@ -11,7 +11,7 @@ use crate::{
     domain::{self, Bio, Email, FullName, NewAccount, NewPassword, Timestamp, Violations},
     error::AppError,
     proto::{self, auth_service_server::AuthService},
-    storage::{NewSession, NewUser, ProfileChanges, RefreshOutcome, UserRecord},
+    storage::{NewSession, NewUser, ProfileChanges, RefreshOutcome},
 };
 
 /// The one answer for every failed login, so that it reveals nothing.
@@ -28,11 +28,6 @@ pub struct AuthApi {
 impl AuthApi {
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
-    }
-
-    async fn user_with_roles(&self, user: &UserRecord) -> Result<proto::User, AppError> {
-        let roles = self.state.db.role_names(user.id).await?;
-        Ok(user_to_proto(user, roles))
     }
 
     fn access_token(
@@ -199,7 +194,7 @@ impl AuthApi {
             .update_profile(caller.user.id, changes, Timestamp::now().micros())
             .await?;
         Ok(proto::UpdateMeResponse {
-            user: Some(self.user_with_roles(&user).await?),
+            user: Some(self.state.user_proto(&user).await?),
         })
     }
 
@@ -263,14 +258,15 @@ impl AuthApi {
         else {
             return Ok(inactive);
         };
-        let Some(user) = self
+        let Some(live) = self
             .state
             .db
-            .find_live_session_user(session_id, user_id, now.micros())
+            .find_live_session(session_id, user_id, now.micros())
             .await?
         else {
             return Ok(inactive);
         };
+        let user = live.user;
         Ok(proto::ValidateTokenResponse {
             active: true,
             user_id,
@@ -387,7 +383,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<proto::GetMeResponse>, Status> {
         let caller = self.state.authenticate(&request).await?;
         Ok(Response::new(proto::GetMeResponse {
-            user: Some(self.user_with_roles(&caller.user).await?),
+            user: Some(self.state.user_proto(&caller.user).await?),
         }))
     }
 

@@ -1,6 +1,14 @@
 //! Storage records to protocol messages.
 
-use crate::{domain::Timestamp, proto, storage::UserRecord};
+use crate::{
+    domain::Timestamp,
+    proto,
+    storage::{RoleRecord, SessionRecord, UserRecord},
+};
+
+fn timestamp(micros: i64) -> Option<prost_types::Timestamp> {
+    Some(Timestamp::from_micros(micros).to_proto())
+}
 
 pub fn user_to_proto(user: &UserRecord, roles: Vec<String>) -> proto::User {
     proto::User {
@@ -12,7 +20,29 @@ pub fn user_to_proto(user: &UserRecord, roles: Vec<String>) -> proto::User {
         is_active: user.is_active,
         is_superuser: user.is_superuser,
         roles,
-        created_at: Some(Timestamp::from_micros(user.created_at).to_proto()),
-        updated_at: Some(Timestamp::from_micros(user.updated_at).to_proto()),
+        created_at: timestamp(user.created_at),
+        updated_at: timestamp(user.updated_at),
+    }
+}
+
+pub fn role_to_proto(role: RoleRecord) -> proto::Role {
+    proto::Role {
+        id: role.id,
+        name: role.name,
+        description: role.description,
+        created_at: timestamp(role.created_at),
+    }
+}
+
+pub fn session_to_proto(session: SessionRecord, current_session_id: i64) -> proto::Session {
+    proto::Session {
+        id: session.id,
+        device_info: session.device_info,
+        ip_address: session.ip_address,
+        is_active: session.is_active,
+        created_at: timestamp(session.created_at),
+        expires_at: timestamp(session.expires_at),
+        last_used_at: timestamp(session.last_used_at),
+        current: session.id == current_session_id,
     }
 }

@@ -31,6 +31,10 @@ pub struct AppState {
     pub config: Config,
 }
 
+/// `last_used_at` is written at most this often per session (one minute), so
+/// that authenticated calls do not each cost a database write.
+pub const LAST_USED_PRECISION_MICROS: i64 = 60_000_000;
+
 /// The authenticated caller of one RPC: a live session of an active user.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -52,17 +56,51 @@ impl AppState {
                 return Err(AppError::Unauthenticated(interceptor::MISSING_TOKEN));
             }
         };
-        let user = self
+        let now = Timestamp::now().micros();
+        let live = self
             .db
-            .find_live_session_user(access.session_id, access.user_id, Timestamp::now().micros())
+            .find_live_session(access.session_id, access.user_id, now)
             .await?
             .ok_or(AppError::Unauthenticated(
                 "the session has ended; log in again",
             ))?;
+        if now - live.last_used_at >= LAST_USED_PRECISION_MICROS {
+            self.mark_session_used(access.session_id, now);
+        }
         Ok(Caller {
-            user,
+            user: live.user,
             session_id: access.session_id,
         })
+    }
+
+    /// Records use of a session in the background: the call does not wait
+    /// for the write, and a failure only leaves `last_used_at` a little older.
+    fn mark_session_used(&self, session_id: i64, now: i64) {
+        let db = Arc::clone(&self.db);
+        tokio::spawn(async move {
+            if let Err(error) = db.touch_session(session_id, now).await {
+                tracing::debug!(session_id, error = %error, "could not update last_used_at");
+            }
+        });
+    }
+
+    /// The user as the protocol shows it, with their current role names.
+    pub async fn user_proto(&self, user: &UserRecord) -> Result<crate::proto::User, AppError> {
+        let roles = self.db.role_names(user.id).await?;
+        Ok(convert::user_to_proto(user, roles))
+    }
+
+    /// The caller, who must be a superuser right now (read from the database
+    /// on this call, never from the token).
+    pub async fn authenticate_superuser<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<Caller, AppError> {
+        let caller = self.authenticate(request).await?;
+        if !caller.user.is_superuser {
+            return Err(AppError::PermissionDenied("only superusers may do this"));
+        }
+        Ok(caller)
     }
 }
 

@@ -1,7 +1,64 @@
-//! SessionService: not implemented yet; every RPC answers UNIMPLEMENTED.
+//! SessionService: the caller's own login sessions.
 
-use crate::proto::session_service_server::SessionService;
+use std::sync::Arc;
 
-pub struct SessionApi;
+use tonic::{Request, Response, Status};
 
-impl SessionService for SessionApi {}
+use super::{AppState, convert::session_to_proto};
+use crate::{
+    domain::Timestamp,
+    error::AppError,
+    proto::{self, session_service_server::SessionService},
+};
+
+pub struct SessionApi {
+    state: Arc<AppState>,
+}
+
+impl SessionApi {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl SessionService for SessionApi {
+    async fn list_sessions(
+        &self,
+        request: Request<proto::ListSessionsRequest>,
+    ) -> Result<Response<proto::ListSessionsResponse>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        let sessions = self
+            .state
+            .db
+            .list_live_sessions(caller.user.id, Timestamp::now().micros())
+            .await
+            .map_err(AppError::from)?;
+        Ok(Response::new(proto::ListSessionsResponse {
+            sessions: sessions
+                .into_iter()
+                .map(|session| session_to_proto(session, caller.session_id))
+                .collect(),
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<proto::DeleteSessionRequest>,
+    ) -> Result<Response<proto::DeleteSessionResponse>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        let session_id = request.get_ref().session_id;
+        // Someone else's session is "not found", exactly like a missing one.
+        let revoked = self
+            .state
+            .db
+            .revoke_session(session_id, caller.user.id, Timestamp::now().micros())
+            .await
+            .map_err(AppError::from)?;
+        if !revoked {
+            return Err(AppError::NotFound("session not found".into()).into());
+        }
+        tracing::info!(target: "audit", user_id = caller.user.id, session_id, "session revoked");
+        Ok(Response::new(proto::DeleteSessionResponse {}))
+    }
+}

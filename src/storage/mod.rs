@@ -172,9 +172,73 @@ pub trait UserRepository: Send + Sync {
     /// The user's role names, sorted.
     async fn role_names(&self, user_id: i64) -> Result<Vec<String>>;
 
+    /// One page of users ordered by id, after `after_id`, whose username or
+    /// email contains `query` case-insensitively (every user for an empty query).
+    async fn list_users(&self, query: &str, after_id: i64, limit: i64) -> Result<Vec<UserRecord>>;
+
+    /// How many users `list_users` would return in all for `query`.
+    async fn count_users(&self, query: &str) -> Result<i64>;
+
+    /// Role names of every user whose id lies in `first_id..=last_id`, as
+    /// `(user_id, name)` pairs sorted by name: one query fills a whole page.
+    async fn role_names_in_id_range(
+        &self,
+        first_id: i64,
+        last_id: i64,
+    ) -> Result<Vec<(i64, String)>>;
+
+    /// Deletes the user with their sessions, refresh tokens, role links and
+    /// messages (sent and received), in one transaction. `NotFound("user")`.
+    async fn delete_user(&self, user_id: i64) -> Result<()>;
+
+    /// Sets `is_superuser` (idempotent). `NotFound("user")` for a missing user.
+    async fn set_superuser(&self, user_id: i64, is_superuser: bool, now: i64)
+    -> Result<UserRecord>;
+
     /// Enables or disables the user; disabling also revokes every session of
     /// the user, in the same transaction. `NotFound("user")` for a missing user.
     async fn set_user_active(&self, user_id: i64, active: bool, now: i64) -> Result<UserRecord>;
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RoleRecord {
+    pub id: i64,
+    pub name: String,
+    pub description: Option<String>,
+    pub created_at: i64,
+}
+
+#[async_trait]
+pub trait RoleRepository: Send + Sync {
+    /// Every role, ordered by name.
+    async fn list_roles(&self) -> Result<Vec<RoleRecord>>;
+
+    /// `Conflict("name")` when a role of that name exists.
+    async fn create_role(
+        &self,
+        name: &str,
+        description: Option<&str>,
+        now: i64,
+    ) -> Result<RoleRecord>;
+
+    /// Deletes the role and, by cascade, its links to users. `NotFound("role")`.
+    async fn delete_role(&self, role_id: i64) -> Result<()>;
+
+    /// The user's roles ordered by name; `NotFound("user")` for a missing user.
+    async fn user_roles(&self, user_id: i64) -> Result<Vec<RoleRecord>>;
+
+    /// Replaces the user's whole role set atomically. A missing user is
+    /// `NotFound("user")`, an unknown role id `NotFound("role")`; either way
+    /// nothing changes. Duplicate ids count once.
+    async fn set_user_roles(&self, user_id: i64, role_ids: &[i64]) -> Result<Vec<RoleRecord>>;
+}
+
+/// A live session and its user, as the revocation check reads them.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    pub user: UserRecord,
+    /// When the session was last marked used (written at most once a minute).
+    pub last_used_at: i64,
 }
 
 #[async_trait]
@@ -182,14 +246,17 @@ pub trait SessionRepository: Send + Sync {
     /// Inserts the session and its first refresh token in one transaction.
     async fn create_session(&self, session: NewSession) -> Result<SessionRecord>;
 
-    /// The user behind a session, only while the session is active, unexpired
+    /// The session and its user, only while the session is active, unexpired
     /// at `now`, belongs to `user_id`, and the user is active.
-    async fn find_live_session_user(
+    async fn find_live_session(
         &self,
         session_id: i64,
         user_id: i64,
         now: i64,
-    ) -> Result<Option<UserRecord>>;
+    ) -> Result<Option<LiveSession>>;
+
+    /// Sets the session's `last_used_at`.
+    async fn touch_session(&self, session_id: i64, now: i64) -> Result<()>;
 
     /// Spends the presented refresh token and stores its replacement, atomically:
     /// of concurrent calls with one token exactly one rotates. A token spent
@@ -221,7 +288,7 @@ pub struct MigrationState {
 
 /// One backend: every repository plus the operational calls.
 #[async_trait]
-pub trait Database: UserRepository + SessionRepository {
+pub trait Database: UserRepository + RoleRepository + SessionRepository {
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<()>;
 

@@ -54,6 +54,18 @@ macro_rules! impl_repositories {
             }
         }
 
+        /// `query` as a LIKE pattern body, lower-cased, with `%`, `_` and `\\` escaped.
+        fn like_pattern(query: &str) -> String {
+            let mut pattern = String::with_capacity(query.len());
+            for c in query.to_lowercase().chars() {
+                if matches!(c, '%' | '_' | '\\') {
+                    pattern.push('\\');
+                }
+                pattern.push(c);
+            }
+            pattern
+        }
+
         fn is_unique_violation(error: &sqlx::Error) -> bool {
             error
                 .as_database_error()
@@ -167,6 +179,96 @@ macro_rules! impl_repositories {
                 Ok(())
             }
 
+            async fn list_users(
+                &self,
+                query: &str,
+                after_id: i64,
+                limit: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::UserRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM users WHERE id > $1 AND ($2 = '' \
+                     OR lower(username) LIKE '%' || $3 || '%' ESCAPE '\\' \
+                     OR lower(email) LIKE '%' || $3 || '%' ESCAPE '\\') \
+                     ORDER BY id LIMIT $4",
+                )
+                .bind(after_id) // $1
+                .bind(query) // $2
+                .bind(like_pattern(query)) // $3
+                .bind(limit) // $4
+                .fetch_all(self.reader())
+                .await?)
+            }
+
+            async fn count_users(&self, query: &str) -> $crate::storage::Result<i64> {
+                Ok(sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM users WHERE $1 = '' \
+                     OR lower(username) LIKE '%' || $2 || '%' ESCAPE '\\' \
+                     OR lower(email) LIKE '%' || $2 || '%' ESCAPE '\\'",
+                )
+                .bind(query) // $1
+                .bind(like_pattern(query)) // $2
+                .fetch_one(self.reader())
+                .await?)
+            }
+
+            async fn role_names_in_id_range(
+                &self,
+                first_id: i64,
+                last_id: i64,
+            ) -> $crate::storage::Result<Vec<(i64, String)>> {
+                Ok(sqlx::query_as(
+                    "SELECT ur.user_id, r.name FROM user_roles ur JOIN roles r ON r.id = ur.role_id \
+                     WHERE ur.user_id BETWEEN $1 AND $2 ORDER BY r.name",
+                )
+                .bind(first_id) // $1
+                .bind(last_id) // $2
+                .fetch_all(self.reader())
+                .await?)
+            }
+
+            async fn delete_user(&self, user_id: i64) -> $crate::storage::Result<()> {
+                let mut tx = self.begin_write().await?;
+                // Children first, explicitly, so the outcome does not hang on
+                // cascade settings; messages go with their sender or recipient.
+                for statement in [
+                    "DELETE FROM refresh_tokens WHERE user_id = $1",
+                    "DELETE FROM sessions WHERE user_id = $1",
+                    "DELETE FROM user_roles WHERE user_id = $1",
+                    "DELETE FROM messages WHERE sender_id = $1 OR recipient_id = $1",
+                ] {
+                    sqlx::query(statement)
+                        .bind(user_id) // $1
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
+                    .bind(user_id) // $1
+                    .execute(&mut *tx)
+                    .await?;
+                if deleted.rows_affected() == 0 {
+                    return Err($crate::storage::StorageError::NotFound("user"));
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn set_superuser(
+                &self,
+                user_id: i64,
+                is_superuser: bool,
+                now: i64,
+            ) -> $crate::storage::Result<$crate::storage::UserRecord> {
+                sqlx::query_as(
+                    "UPDATE users SET is_superuser = $2, updated_at = $3 WHERE id = $1 RETURNING *",
+                )
+                .bind(user_id) // $1
+                .bind(is_superuser) // $2
+                .bind(now) // $3
+                .fetch_optional(self.writer())
+                .await?
+                .ok_or($crate::storage::StorageError::NotFound("user"))
+            }
+
             async fn set_user_active(
                 &self,
                 user_id: i64,
@@ -205,6 +307,123 @@ macro_rules! impl_repositories {
                 .bind(user_id) // $1
                 .fetch_all(self.reader())
                 .await?)
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::storage::RoleRepository for $store {
+            async fn list_roles(&self) -> $crate::storage::Result<Vec<$crate::storage::RoleRecord>> {
+                Ok(sqlx::query_as("SELECT id, name, description, created_at FROM roles ORDER BY name")
+                    .fetch_all(self.reader())
+                    .await?)
+            }
+
+            async fn create_role(
+                &self,
+                name: &str,
+                description: Option<&str>,
+                now: i64,
+            ) -> $crate::storage::Result<$crate::storage::RoleRecord> {
+                let inserted = sqlx::query_as(
+                    "INSERT INTO roles (name, description, created_at) VALUES ($1, $2, $3) \
+                     RETURNING id, name, description, created_at",
+                )
+                .bind(name) // $1
+                .bind(description) // $2
+                .bind(now) // $3
+                .fetch_one(self.writer())
+                .await;
+                match inserted {
+                    Err(error) if is_unique_violation(&error) => {
+                        Err($crate::storage::StorageError::Conflict("name"))
+                    }
+                    other => Ok(other?),
+                }
+            }
+
+            async fn delete_role(&self, role_id: i64) -> $crate::storage::Result<()> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query("DELETE FROM user_roles WHERE role_id = $1")
+                    .bind(role_id) // $1
+                    .execute(&mut *tx)
+                    .await?;
+                let deleted = sqlx::query("DELETE FROM roles WHERE id = $1")
+                    .bind(role_id) // $1
+                    .execute(&mut *tx)
+                    .await?;
+                if deleted.rows_affected() == 0 {
+                    return Err($crate::storage::StorageError::NotFound("role"));
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn user_roles(
+                &self,
+                user_id: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::RoleRecord>> {
+                let mut tx = self.reader().begin().await?;
+                let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = $1")
+                    .bind(user_id) // $1
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if exists == 0 {
+                    return Err($crate::storage::StorageError::NotFound("user"));
+                }
+                let roles = sqlx::query_as(
+                    "SELECT r.id, r.name, r.description, r.created_at FROM roles r \
+                     JOIN user_roles ur ON ur.role_id = r.id WHERE ur.user_id = $1 ORDER BY r.name",
+                )
+                .bind(user_id) // $1
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(roles)
+            }
+
+            async fn set_user_roles(
+                &self,
+                user_id: i64,
+                role_ids: &[i64],
+            ) -> $crate::storage::Result<Vec<$crate::storage::RoleRecord>> {
+                let mut unique_ids = role_ids.to_vec();
+                unique_ids.sort_unstable();
+                unique_ids.dedup();
+                let mut tx = self.begin_write().await?;
+                let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = $1")
+                    .bind(user_id) // $1
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if exists == 0 {
+                    return Err($crate::storage::StorageError::NotFound("user"));
+                }
+                sqlx::query("DELETE FROM user_roles WHERE user_id = $1")
+                    .bind(user_id) // $1
+                    .execute(&mut *tx)
+                    .await?;
+                for role_id in &unique_ids {
+                    // Inserting from `roles` adds nothing for an unknown id.
+                    let linked = sqlx::query(
+                        "INSERT INTO user_roles (user_id, role_id) SELECT $1, id FROM roles WHERE id = $2",
+                    )
+                    .bind(user_id) // $1
+                    .bind(role_id) // $2
+                    .execute(&mut *tx)
+                    .await?;
+                    if linked.rows_affected() == 0 {
+                        // Dropping the transaction rolls every change back.
+                        return Err($crate::storage::StorageError::NotFound("role"));
+                    }
+                }
+                let roles = sqlx::query_as(
+                    "SELECT r.id, r.name, r.description, r.created_at FROM roles r \
+                     JOIN user_roles ur ON ur.role_id = r.id WHERE ur.user_id = $1 ORDER BY r.name",
+                )
+                .bind(user_id) // $1
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(roles)
             }
         }
 
@@ -259,16 +478,23 @@ macro_rules! impl_repositories {
                 Ok(record)
             }
 
-            async fn find_live_session_user(
+            async fn find_live_session(
                 &self,
                 session_id: i64,
                 user_id: i64,
                 now: i64,
-            ) -> $crate::storage::Result<Option<$crate::storage::UserRecord>> {
-                Ok(sqlx::query_as(concat!(
+            ) -> $crate::storage::Result<Option<$crate::storage::LiveSession>> {
+                #[derive(sqlx::FromRow)]
+                struct Row {
+                    #[sqlx(flatten)]
+                    user: $crate::storage::UserRecord,
+                    session_last_used_at: i64,
+                }
+                let row: Option<Row> = sqlx::query_as(concat!(
                     "SELECT ",
                     user_columns!("u"),
-                    " FROM sessions s JOIN users u ON u.id = s.user_id \
+                    ", s.last_used_at AS session_last_used_at \
+                     FROM sessions s JOIN users u ON u.id = s.user_id \
                      WHERE s.id = $1 AND s.user_id = $2 AND s.is_active AND s.expires_at > $3 \
                      AND u.is_active"
                 ))
@@ -276,7 +502,20 @@ macro_rules! impl_repositories {
                 .bind(user_id) // $2
                 .bind(now) // $3
                 .fetch_optional(self.reader())
-                .await?)
+                .await?;
+                Ok(row.map(|row| $crate::storage::LiveSession {
+                    user: row.user,
+                    last_used_at: row.session_last_used_at,
+                }))
+            }
+
+            async fn touch_session(&self, session_id: i64, now: i64) -> $crate::storage::Result<()> {
+                sqlx::query("UPDATE sessions SET last_used_at = $2 WHERE id = $1")
+                    .bind(session_id) // $1
+                    .bind(now) // $2
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
             }
 
             async fn rotate_refresh_token(

@@ -6,7 +6,8 @@ use std::{sync::Arc, time::Duration};
 use ai_message::{
     config::{Config, DatabaseTarget},
     proto::{
-        self, auth_service_client::AuthServiceClient, session_service_client::SessionServiceClient,
+        self, auth_service_client::AuthServiceClient, message_service_client::MessageServiceClient,
+        session_service_client::SessionServiceClient,
         user_admin_service_client::UserAdminServiceClient,
     },
     services::AppState,
@@ -119,12 +120,16 @@ impl Drop for PostgresDatabase {
 }
 
 pub struct TestApp {
+    pub backend: Backend,
     pub port: u16,
     pub state: Arc<AppState>,
     pub channel: Channel,
     pub auth: AuthServiceClient<Channel>,
     pub admin: UserAdminServiceClient<Channel>,
     pub sessions: SessionServiceClient<Channel>,
+    pub messages: MessageServiceClient<Channel>,
+    /// `DATABASE_URL` of this test's database, in a form the CLI accepts.
+    pub database_url: String,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -151,6 +156,11 @@ pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config
         None => DatabaseTarget::Sqlite(Some(dir.path().join("test.db"))),
         Some(database) => DatabaseTarget::Postgres(database.url.clone()),
     };
+    let database_url = match &target {
+        DatabaseTarget::Sqlite(Some(path)) => format!("sqlite:///{}", path.display()),
+        DatabaseTarget::Postgres(url) => url.clone(),
+        DatabaseTarget::Sqlite(None) => unreachable!("tests use files"),
+    };
     let mut config = Config::for_tests(target);
     config.secret_key = Some(TEST_SECRET.to_vec());
     customize(&mut config);
@@ -166,11 +176,14 @@ pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     TestApp {
+        backend,
         port,
         state,
         auth: AuthServiceClient::new(channel.clone()),
         admin: UserAdminServiceClient::new(channel.clone()),
         sessions: SessionServiceClient::new(channel.clone()),
+        messages: MessageServiceClient::new(channel.clone()),
+        database_url,
         channel,
         shutdown: Some(shutdown_tx),
         server: Some(server),
@@ -250,6 +263,51 @@ impl TestApp {
             })
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    /// Registers `username` as a superuser (promoted in the database) and logs in.
+    pub async fn superuser(&self, username: &str) -> LoggedIn {
+        let user = self.register(username).await;
+        self.state
+            .db
+            .set_superuser(user.id, true, ai_message::domain::Timestamp::now().micros())
+            .await
+            .unwrap();
+        let login = self.login(username, PASSWORD).await.unwrap();
+        LoggedIn {
+            user_id: user.id,
+            access_token: login.access_token,
+            refresh_token: login.refresh_token,
+            session_id: login.session_id,
+        }
+    }
+
+    /// Runs one `SELECT COUNT(*) ...` (with `$1` bound to `id`) directly on the database.
+    pub async fn count(&self, sql: &str, id: i64) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.backend {
+            Backend::Sqlite => {
+                let path = self.database_url.trim_start_matches("sqlite:///");
+                let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql)
+                    .bind(id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql)
+                    .bind(id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        }
     }
 
     pub async fn stop(mut self) {

@@ -9,3 +9,5 @@ mod helpers;
 mod auth;
 mod cli;
 mod platform;
+mod session;
+mod user_admin;

@@ -210,11 +210,21 @@ async fn services_not_built_yet_answer_unimplemented_behind_authentication(backe
         Code::Unauthenticated,
     );
     assert_code(
-        app.admin
+        app.messages
             .clone()
-            .list_roles(with_bearer(proto::ListRolesRequest {}, &dana.access_token))
+            .list_conversations(with_bearer(
+                proto::ListConversationsRequest::default(),
+                &dana.access_token,
+            ))
             .await,
         Code::Unimplemented,
+    );
+    assert_code(
+        app.messages
+            .clone()
+            .list_conversations(proto::ListConversationsRequest::default())
+            .await,
+        Code::Unauthenticated,
     );
     app.stop().await;
 }
