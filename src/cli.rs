@@ -8,11 +8,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::{
+    auth::{PasswordHasher, accounts::create_account},
     config::Config,
-    domain::{NewAccount, Timestamp},
+    domain::NewAccount,
     error::AppError,
     startup::{Application, connect_database, shutdown_signal},
-    storage::{NewUser, StorageError},
 };
 
 #[derive(Debug, Parser)]
@@ -134,27 +134,15 @@ async fn create_superuser(
     db.migrate()
         .await
         .context("DATABASE_URL: applying migrations failed")?;
-    let cost = config.bcrypt_cost;
-    let secret = account.password.as_str().to_owned();
-    let password_hash =
-        tokio::task::spawn_blocking(move || bcrypt::non_truncating_hash(secret, cost)).await??;
-    let created = db
-        .create_user(NewUser {
-            username: account.username.as_str().to_owned(),
-            email: account.email.as_str().to_owned(),
-            password_hash,
-            full_name: None,
-            is_superuser: true,
-            now: Timestamp::now().micros(),
-        })
-        .await;
+    let hasher = PasswordHasher::new(config.bcrypt_cost, 1);
+    let created = create_account(db.as_ref(), &hasher, account, true).await;
     db.close().await;
     match created {
         Ok(user) => {
             println!("created superuser {} (id {})", user.username, user.id);
             Ok(())
         }
-        Err(StorageError::Conflict(field)) => anyhow::bail!("{field}: already exists"),
+        Err(AppError::AlreadyExists(field)) => anyhow::bail!("{field}: already exists"),
         Err(error) => Err(error.into()),
     }
 }

@@ -2,6 +2,7 @@
 //! interceptor that reads the bearer token. Storage checks (is the session
 //! still live?) happen in the async path, in [`AppState::authenticate`](crate::startup::AppState).
 
+pub mod accounts;
 pub mod interceptor;
 pub mod passwords;
 pub mod tokens;

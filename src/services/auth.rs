@@ -7,11 +7,11 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, client_address, convert::user_to_proto};
 use crate::{
-    auth::{RefreshToken, tokens::AccessToken},
+    auth::{RefreshToken, accounts::create_account, tokens::AccessToken},
     domain::{self, Bio, Email, FullName, NewAccount, NewPassword, Timestamp, Violations},
     error::AppError,
     proto::{self, auth_service_server::AuthService},
-    storage::{NewSession, NewUser, ProfileChanges, RefreshOutcome},
+    storage::{NewSession, ProfileChanges, RefreshOutcome},
 };
 
 /// The one answer for every failed login, so that it reveals nothing.
@@ -302,20 +302,8 @@ impl AuthService for AuthApi {
             &body.password,
             body.full_name.as_deref(),
         )?;
-        let password_hash = self.state.hasher.hash(account.password.as_str()).await?;
-        let user = self
-            .state
-            .db
-            .create_user(NewUser {
-                username: account.username.as_str().to_owned(),
-                email: account.email.as_str().to_owned(),
-                password_hash,
-                full_name: account.full_name.map(FullName::into_inner),
-                is_superuser: false,
-                now: Timestamp::now().micros(),
-            })
-            .await
-            .map_err(AppError::from)?;
+        let user =
+            create_account(self.state.db.as_ref(), &self.state.hasher, account, false).await?;
         tracing::info!(user_id = user.id, "user registered");
         Ok(Response::new(proto::RegisterResponse {
             user: Some(user_to_proto(&user, Vec::new())),

@@ -11,14 +11,15 @@ use super::{
     convert::{role_to_proto, user_to_proto},
 };
 use crate::{
+    auth::accounts::create_account,
     domain::{
-        self, FullName, NewAccount, Timestamp,
+        self, NewAccount, Timestamp,
         account::{RoleName, parse_role_description},
         paging::{PageScope, page_size},
     },
     error::AppError,
     proto::{self, user_admin_service_server::UserAdminService},
-    storage::{NewUser, UserRecord},
+    storage::UserRecord,
 };
 
 pub struct UserAdminApi {
@@ -148,20 +149,13 @@ impl UserAdminService for UserAdminApi {
             &body.password,
             body.full_name.as_deref(),
         )?;
-        let password_hash = self.state.hasher.hash(account.password.as_str()).await?;
-        let user = self
-            .state
-            .db
-            .create_user(NewUser {
-                username: account.username.as_str().to_owned(),
-                email: account.email.as_str().to_owned(),
-                password_hash,
-                full_name: account.full_name.map(FullName::into_inner),
-                is_superuser: body.is_superuser,
-                now: Timestamp::now().micros(),
-            })
-            .await
-            .map_err(AppError::from)?;
+        let user = create_account(
+            self.state.db.as_ref(),
+            &self.state.hasher,
+            account,
+            body.is_superuser,
+        )
+        .await?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id = user.id, is_superuser = user.is_superuser, "user created");
         Ok(Response::new(proto::CreateUserResponse {
             user: Some(user_to_proto(&user, Vec::new())),

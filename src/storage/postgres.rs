@@ -45,7 +45,7 @@ impl PostgresStore {
     }
 }
 
-impl_repositories!(PostgresStore);
+impl_repositories!(PostgresStore, Postgres);
 
 #[async_trait]
 impl Database for PostgresStore {

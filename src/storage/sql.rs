@@ -33,7 +33,36 @@ macro_rules! user_columns {
 }
 
 macro_rules! impl_repositories {
-    ($store:ty) => {
+    ($store:ty, $db:ty) => {
+        /// Fails with `NotFound("user")` unless the user exists.
+        async fn require_user(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            user_id: i64,
+        ) -> $crate::storage::Result<()> {
+            let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = $1")
+                .bind(user_id) // $1
+                .fetch_one(&mut *conn)
+                .await?;
+            if exists == 0 {
+                return Err($crate::storage::StorageError::NotFound("user"));
+            }
+            Ok(())
+        }
+
+        /// The user's roles, ordered by name.
+        async fn roles_of(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            user_id: i64,
+        ) -> $crate::storage::Result<Vec<$crate::storage::RoleRecord>> {
+            Ok(sqlx::query_as(
+                "SELECT r.id, r.name, r.description, r.created_at FROM roles r \
+                 JOIN user_roles ur ON ur.role_id = r.id WHERE ur.user_id = $1 ORDER BY r.name",
+            )
+            .bind(user_id) // $1
+            .fetch_all(&mut *conn)
+            .await?)
+        }
+
         impl $store {
             /// Which unique field a failed insert or update collided with.
             async fn conflicting_field(&self, username: Option<&str>) -> $crate::storage::StorageError {
@@ -363,20 +392,8 @@ macro_rules! impl_repositories {
                 user_id: i64,
             ) -> $crate::storage::Result<Vec<$crate::storage::RoleRecord>> {
                 let mut tx = self.reader().begin().await?;
-                let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = $1")
-                    .bind(user_id) // $1
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if exists == 0 {
-                    return Err($crate::storage::StorageError::NotFound("user"));
-                }
-                let roles = sqlx::query_as(
-                    "SELECT r.id, r.name, r.description, r.created_at FROM roles r \
-                     JOIN user_roles ur ON ur.role_id = r.id WHERE ur.user_id = $1 ORDER BY r.name",
-                )
-                .bind(user_id) // $1
-                .fetch_all(&mut *tx)
-                .await?;
+                require_user(&mut tx, user_id).await?;
+                let roles = roles_of(&mut tx, user_id).await?;
                 tx.commit().await?;
                 Ok(roles)
             }
@@ -390,13 +407,7 @@ macro_rules! impl_repositories {
                 unique_ids.sort_unstable();
                 unique_ids.dedup();
                 let mut tx = self.begin_write().await?;
-                let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = $1")
-                    .bind(user_id) // $1
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if exists == 0 {
-                    return Err($crate::storage::StorageError::NotFound("user"));
-                }
+                require_user(&mut tx, user_id).await?;
                 sqlx::query("DELETE FROM user_roles WHERE user_id = $1")
                     .bind(user_id) // $1
                     .execute(&mut *tx)
@@ -415,13 +426,7 @@ macro_rules! impl_repositories {
                         return Err($crate::storage::StorageError::NotFound("role"));
                     }
                 }
-                let roles = sqlx::query_as(
-                    "SELECT r.id, r.name, r.description, r.created_at FROM roles r \
-                     JOIN user_roles ur ON ur.role_id = r.id WHERE ur.user_id = $1 ORDER BY r.name",
-                )
-                .bind(user_id) // $1
-                .fetch_all(&mut *tx)
-                .await?;
+                let roles = roles_of(&mut tx, user_id).await?;
                 tx.commit().await?;
                 Ok(roles)
             }

@@ -79,7 +79,7 @@ impl SqliteStore {
     }
 }
 
-impl_repositories!(SqliteStore);
+impl_repositories!(SqliteStore, Sqlite);
 
 #[async_trait]
 impl Database for SqliteStore {
