@@ -158,6 +158,14 @@ impl Application {
         let config = &state.config;
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        // Every name is registered before the first call can arrive; the probe
+        // then keeps them current.
+        let initial = if state.db.ping().await.is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health::set_all(&health_reporter, initial).await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let probe = tokio::spawn(health::probe_database(
             Arc::clone(&state.db),
