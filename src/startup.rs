@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 use crate::{
     auth::{BearerInterceptor, PasswordHasher, TokenService},
     config::{Config, DatabaseTarget, redact_password},
+    events::EventHub,
     proto::{
         self, auth_service_server::AuthServiceServer, message_service_server::MessageServiceServer,
         session_service_server::SessionServiceServer,
@@ -94,6 +95,10 @@ pub struct Application {
     listener: TcpListener,
     address: SocketAddr,
     state: Arc<AppState>,
+    /// Set to true on shutdown: streams end, background tasks stop.
+    stop: watch::Sender<bool>,
+    /// Tasks to wait for after the server stops (the event listener).
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -124,14 +129,35 @@ impl Application {
                 )
             })?;
         let address = listener.local_addr()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let events = EventHub::new(db.event_channel());
+        // Listening before the first call, so a stream is subscribed on every
+        // instance from the moment its headers go out.
+        let event_listener = match db.event_channel() {
+            Some(channel) => {
+                let hub = Arc::clone(&events);
+                let deliver = Arc::new(move |payload: String| hub.deliver_payload(&payload));
+                Some(
+                    channel
+                        .start_listener(deliver, stop_rx.clone())
+                        .await
+                        .context("DATABASE_URL: cannot LISTEN for stream events")?,
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             listener,
             address,
+            stop: stop_tx,
+            background: event_listener.into_iter().collect(),
             state: Arc::new(AppState {
                 db,
                 tokens,
                 hasher,
+                events,
                 config,
+                shutdown: stop_rx,
             }),
         })
     }
@@ -154,6 +180,8 @@ impl Application {
             listener,
             address,
             state,
+            stop: stop_tx,
+            mut background,
         } = self;
         let config = &state.config;
 
@@ -166,12 +194,11 @@ impl Application {
             ServingStatus::NotServing
         };
         health::set_all(&health_reporter, initial).await;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let probe = tokio::spawn(health::probe_database(
+        background.push(tokio::spawn(health::probe_database(
             Arc::clone(&state.db),
             health_reporter.clone(),
-            stop_rx,
-        ));
+            stop_tx.subscribe(),
+        )));
 
         let required = BearerInterceptor::required(Arc::clone(&state.tokens));
         let optional = BearerInterceptor::optional(Arc::clone(&state.tokens));
@@ -181,8 +208,8 @@ impl Application {
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let session = SessionServiceServer::new(SessionApi::new(Arc::clone(&state)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let message =
-            MessageServiceServer::new(MessageApi).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let message = MessageServiceServer::new(MessageApi::new(Arc::clone(&state)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
         let mut builder = Server::builder();
         if let Some(tls) = &config.tls {
@@ -252,7 +279,9 @@ impl Application {
         let served = router
             .serve_with_incoming_shutdown(incoming, on_shutdown)
             .await;
-        let _ = probe.await;
+        for task in background {
+            let _ = task.await;
+        }
         state.db.close().await;
         served.context("the gRPC server failed")
     }

@@ -3,6 +3,7 @@
 
 pub mod account;
 mod common_passwords;
+pub mod message;
 pub mod paging;
 pub mod time;
 

@@ -109,6 +109,7 @@ impl AuthApi {
         let (access_token, access_expires_at) =
             self.access_token(user.id, session.id, now, session_expires_at)?;
         tracing::info!(
+            target: "audit",
             user_id = user.id,
             session_id = session.id,
             "login succeeded"
@@ -143,11 +144,17 @@ impl AuthApi {
                 session_id,
                 Timestamp::from_micros(session_expires_at),
             ),
-            RefreshOutcome::Reused { session_id } => {
+            RefreshOutcome::Reused {
+                session_id,
+                user_id,
+            } => {
                 tracing::warn!(
+                    target: "audit",
+                    user_id,
                     session_id,
                     "spent refresh token presented again; session revoked"
                 );
+                self.state.sessions_revoked(user_id).await;
                 return Err(AppError::Unauthenticated(REFRESH_FAILED));
             }
             RefreshOutcome::Invalid => return Err(AppError::Unauthenticated(REFRESH_FAILED)),
@@ -240,10 +247,12 @@ impl AuthApi {
             )
             .await?;
         tracing::info!(
+            target: "audit",
             user_id = caller.user.id,
             session_id = caller.session_id,
             "password changed"
         );
+        self.state.sessions_revoked(caller.user.id).await;
         Ok(())
     }
 
@@ -304,7 +313,7 @@ impl AuthService for AuthApi {
         )?;
         let user =
             create_account(self.state.db.as_ref(), &self.state.hasher, account, false).await?;
-        tracing::info!(user_id = user.id, "user registered");
+        tracing::info!(target: "audit", user_id = user.id, "user registered");
         Ok(Response::new(proto::RegisterResponse {
             user: Some(user_to_proto(&user, Vec::new())),
         }))
@@ -337,10 +346,12 @@ impl AuthService for AuthApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(
+            target: "audit",
             user_id = caller.user.id,
             session_id = caller.session_id,
             "logout"
         );
+        self.state.sessions_revoked(caller.user.id).await;
         Ok(Response::new(proto::LogoutResponse {}))
     }
 
@@ -356,10 +367,12 @@ impl AuthService for AuthApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(
+            target: "audit",
             user_id = caller.user.id,
             revoked,
             "logout from every session"
         );
+        self.state.sessions_revoked(caller.user.id).await;
         Ok(Response::new(proto::LogoutAllResponse {
             revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
         }))

@@ -3,7 +3,7 @@
 use crate::{
     domain::Timestamp,
     proto,
-    storage::{RoleRecord, SessionRecord, UserRecord},
+    storage::{MessageRecord, RoleRecord, SessionRecord, UserRecord},
 };
 
 fn timestamp(micros: i64) -> Option<prost_types::Timestamp> {
@@ -44,5 +44,19 @@ pub fn session_to_proto(session: SessionRecord, current_session_id: i64) -> prot
         expires_at: timestamp(session.expires_at),
         last_used_at: timestamp(session.last_used_at),
         current: session.id == current_session_id,
+    }
+}
+
+pub fn message_to_proto(message: MessageRecord) -> proto::Message {
+    proto::Message {
+        id: message.id,
+        sender_id: message.sender_id,
+        recipient_id: message.recipient_id,
+        content: message.content,
+        is_read: message.is_read,
+        parent_id: message.parent_id,
+        conversation_id: message.conversation_id,
+        created_at: timestamp(message.created_at),
+        read_at: message.read_at.and_then(timestamp),
     }
 }

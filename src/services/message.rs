@@ -1,7 +1,442 @@
-//! MessageService: not implemented yet; every RPC answers UNIMPLEMENTED.
+//! MessageService: user-to-user messages, conversations and the live stream.
+//!
+//! Privacy rule: a message exists only for its sender and its recipient; to
+//! anyone else every RPC answers exactly as for a missing id.
 
-use crate::proto::message_service_server::MessageService;
+use std::{sync::Arc, time::Duration};
 
-pub struct MessageApi;
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, codegen::BoxStream};
 
-impl MessageService for MessageApi {}
+use super::{AppState, Caller, convert::message_to_proto};
+use crate::{
+    domain::{
+        Timestamp, Violations,
+        message::{
+            MAX_MARK_READ_IDS, default_conversation_id, parse_content, parse_conversation_id,
+        },
+        paging::{DEFAULT_PAGE_SIZE, PageScope, page_size},
+    },
+    error::AppError,
+    events::{HubEvent, MessageChange},
+    proto::{self, message_service_server::MessageService, stream_messages_response::Event},
+    storage::{Before, MessageFilter, MessageRecord, NewMessage},
+};
+
+const MESSAGE_NOT_FOUND: &str = "message not found";
+/// Responses buffered per stream before the stream's task waits on the client.
+const STREAM_BUFFER: usize = 64;
+/// Streams re-check their session this often even without a revocation
+/// notice, in case one was missed while the database connection was down.
+const SESSION_RECHECK: Duration = Duration::from_secs(30);
+
+pub struct MessageApi {
+    state: Arc<AppState>,
+}
+
+fn visible_to(message: &MessageRecord, user_id: i64) -> bool {
+    message.sender_id == user_id || message.recipient_id == user_id
+}
+
+/// Splits off the extra item fetched to learn whether another page follows.
+fn take_page<T>(
+    mut items: Vec<T>,
+    limit: i64,
+    cursor: impl Fn(&T) -> Vec<i64>,
+    scope: &PageScope<'_>,
+) -> (Vec<T>, String) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if items.len() <= limit {
+        return (items, String::new());
+    }
+    items.truncate(limit);
+    let token = items
+        .last()
+        .map(|last| scope.encode(&cursor(last)))
+        .unwrap_or_default();
+    (items, token)
+}
+
+fn before(cursor: Option<Vec<i64>>) -> Before {
+    match cursor.as_deref() {
+        Some([created_at, id]) => Before {
+            created_at: *created_at,
+            id: *id,
+        },
+        _ => Before::START,
+    }
+}
+
+impl MessageApi {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    /// The message, if the caller may see it; `NOT_FOUND` otherwise.
+    async fn visible_message(
+        &self,
+        caller: &Caller,
+        message_id: i64,
+    ) -> Result<MessageRecord, AppError> {
+        self.state
+            .db
+            .find_message(message_id)
+            .await?
+            .filter(|message| visible_to(message, caller.user.id))
+            .ok_or_else(|| AppError::NotFound(MESSAGE_NOT_FOUND.into()))
+    }
+
+    async fn send(
+        &self,
+        request: Request<proto::SendMessageRequest>,
+    ) -> Result<MessageRecord, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let content = violations.check(parse_content(&body.content));
+        let explicit_conversation = body
+            .conversation_id
+            .as_deref()
+            .and_then(|id| violations.check(parse_conversation_id(id)));
+        violations.into_result()?;
+        let content = content.unwrap_or_default();
+
+        let recipient = self
+            .state
+            .db
+            .find_user(body.recipient_id)
+            .await?
+            .ok_or_else(|| AppError::NotFound("recipient not found".into()))?;
+        if !recipient.is_active {
+            return Err(AppError::FailedPrecondition(
+                "the recipient's account is disabled".into(),
+            ));
+        }
+        let me = caller.user.id;
+        let conversation_id = match body.parent_id {
+            Some(parent_id) => {
+                let parent = self
+                    .visible_message(&caller, parent_id)
+                    .await
+                    .map_err(|_| AppError::NotFound("parent message not found".into()))?;
+                let pair = |a: i64, b: i64| (a.min(b), a.max(b));
+                if pair(parent.sender_id, parent.recipient_id) != pair(me, recipient.id) {
+                    return Err(AppError::invalid(
+                        "parent_id",
+                        "belongs to a conversation with another user",
+                    ));
+                }
+                if explicit_conversation
+                    .as_ref()
+                    .is_some_and(|explicit| *explicit != parent.conversation_id)
+                {
+                    return Err(AppError::invalid(
+                        "conversation_id",
+                        "differs from the conversation of the parent message",
+                    ));
+                }
+                parent.conversation_id
+            }
+            None => {
+                explicit_conversation.unwrap_or_else(|| default_conversation_id(me, recipient.id))
+            }
+        };
+        let message = self
+            .state
+            .db
+            .insert_message(NewMessage {
+                sender_id: me,
+                recipient_id: recipient.id,
+                content,
+                parent_id: body.parent_id,
+                conversation_id,
+                now: Timestamp::now().micros(),
+            })
+            .await?;
+        self.state
+            .events
+            .publish(HubEvent::Message {
+                change: MessageChange::Created,
+                message: message.clone(),
+            })
+            .await;
+        Ok(message)
+    }
+
+    async fn list(
+        &self,
+        request: Request<proto::ListMessagesRequest>,
+    ) -> Result<proto::ListMessagesResponse, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let limit = violations.check(page_size(body.page_size));
+        let conversation_id = body
+            .conversation_id
+            .as_deref()
+            .and_then(|id| violations.check(parse_conversation_id(id)));
+        let with_user = body
+            .with_user_id
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let unread = if body.unread_only { "unread" } else { "" };
+        let conversation_filter = conversation_id.clone().unwrap_or_default();
+        let scope = PageScope {
+            rpc: "ListMessages",
+            caller_id: caller.user.id,
+            filters: &[&with_user, &conversation_filter, unread],
+        };
+        let cursor = violations.check(scope.decode(&body.page_token, 2));
+        violations.into_result()?;
+        let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        let filter = MessageFilter {
+            with_user_id: body.with_user_id,
+            conversation_id,
+            unread_only: body.unread_only,
+        };
+        let messages = self
+            .state
+            .db
+            .list_messages(caller.user.id, &filter, before(cursor.flatten()), limit + 1)
+            .await?;
+        let (messages, next_page_token) =
+            take_page(messages, limit, |m| vec![m.created_at, m.id], &scope);
+        Ok(proto::ListMessagesResponse {
+            messages: messages.into_iter().map(message_to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn conversations(
+        &self,
+        request: Request<proto::ListConversationsRequest>,
+    ) -> Result<proto::ListConversationsResponse, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let limit = violations.check(page_size(body.page_size));
+        let scope = PageScope {
+            rpc: "ListConversations",
+            caller_id: caller.user.id,
+            filters: &[],
+        };
+        let cursor = violations.check(scope.decode(&body.page_token, 2));
+        violations.into_result()?;
+        let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        let conversations = self
+            .state
+            .db
+            .list_conversations(caller.user.id, before(cursor.flatten()), limit + 1)
+            .await?;
+        let (conversations, next_page_token) = take_page(
+            conversations,
+            limit,
+            |c| vec![c.last_message.created_at, c.last_message.id],
+            &scope,
+        );
+        Ok(proto::ListConversationsResponse {
+            conversations: conversations
+                .into_iter()
+                .map(|conversation| proto::Conversation {
+                    conversation_id: conversation.last_message.conversation_id.clone(),
+                    other_user_id: conversation.other_user_id,
+                    last_message: Some(message_to_proto(conversation.last_message)),
+                    unread_count: conversation.unread_count,
+                })
+                .collect(),
+            next_page_token,
+        })
+    }
+
+    async fn mark_read(&self, request: Request<proto::MarkReadRequest>) -> Result<i32, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let ids = request.into_inner().message_ids;
+        if ids.len() > MAX_MARK_READ_IDS {
+            return Err(AppError::invalid(
+                "message_ids",
+                "must hold at most 1000 ids",
+            ));
+        }
+        let changed = self
+            .state
+            .db
+            .mark_read(caller.user.id, &ids, Timestamp::now().micros())
+            .await?;
+        let count = i32::try_from(changed.len()).unwrap_or(i32::MAX);
+        for message in changed {
+            self.state
+                .events
+                .publish(HubEvent::Message {
+                    change: MessageChange::Read,
+                    message,
+                })
+                .await;
+        }
+        Ok(count)
+    }
+
+    async fn delete(&self, request: Request<proto::DeleteMessageRequest>) -> Result<(), AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let message = self
+            .visible_message(&caller, request.get_ref().message_id)
+            .await?;
+        if message.sender_id != caller.user.id {
+            return Err(AppError::PermissionDenied(
+                "only the sender may delete a message",
+            ));
+        }
+        let deleted = self
+            .state
+            .db
+            .delete_message(message.id, caller.user.id)
+            .await?
+            .ok_or_else(|| AppError::NotFound(MESSAGE_NOT_FOUND.into()))?;
+        self.state
+            .events
+            .publish(HubEvent::Message {
+                change: MessageChange::Deleted,
+                message: deleted,
+            })
+            .await;
+        Ok(())
+    }
+
+    /// Feeds one subscriber until the client leaves, the session ends, the
+    /// subscriber lags, or the server shuts down.
+    async fn feed_stream(
+        state: Arc<AppState>,
+        caller: Caller,
+        mut subscription: crate::events::Subscription,
+        out: mpsc::Sender<Result<proto::StreamMessagesResponse, Status>>,
+    ) {
+        let mut shutdown = state.shutdown.clone();
+        let until_expiry = Duration::from_micros(
+            u64::try_from(caller.session_expires_at - Timestamp::now().micros()).unwrap_or(0),
+        );
+        let expiry = tokio::time::sleep(until_expiry);
+        tokio::pin!(expiry);
+        let mut recheck = tokio::time::interval(SESSION_RECHECK);
+        recheck.tick().await;
+        let session_ended = || Status::unauthenticated("the session has ended; log in again");
+        let ending: Option<Status> = loop {
+            tokio::select! {
+                received = subscription.receiver.recv() => match received {
+                    Ok(event) => match &*event {
+                        HubEvent::Message { change, message } => {
+                            let message = message_to_proto(message.clone());
+                            let event = match change {
+                                MessageChange::Created => Event::Created(message),
+                                MessageChange::Read => Event::Read(message),
+                                MessageChange::Deleted => Event::Deleted(message),
+                            };
+                            let response = proto::StreamMessagesResponse { event: Some(event) };
+                            if out.send(Ok(response)).await.is_err() {
+                                break None;
+                            }
+                        }
+                        // A failed check (database down) is retried at the next recheck.
+                        HubEvent::SessionsRevoked { .. } => {
+                            if matches!(state.session_is_live(caller.session_id, caller.user.id).await, Ok(false)) {
+                                break Some(session_ended());
+                            }
+                        }
+                    },
+                    Err(RecvError::Lagged(missed)) => {
+                        break Some(Status::resource_exhausted(format!(
+                            "the stream fell {missed} events behind and was closed; \
+                             list messages to catch up, then subscribe again"
+                        )));
+                    }
+                    Err(RecvError::Closed) => break None,
+                },
+                _ = recheck.tick() => {
+                    if matches!(state.session_is_live(caller.session_id, caller.user.id).await, Ok(false)) {
+                        break Some(session_ended());
+                    }
+                }
+                () = &mut expiry => break Some(session_ended()),
+                _ = shutdown.changed() => {
+                    break Some(Status::unavailable("the server is shutting down; reconnect"));
+                }
+                () = out.closed() => break None,
+            }
+        };
+        if let Some(status) = ending {
+            let _ = out.send(Err(status)).await;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl MessageService for MessageApi {
+    async fn send_message(
+        &self,
+        request: Request<proto::SendMessageRequest>,
+    ) -> Result<Response<proto::SendMessageResponse>, Status> {
+        let message = self.send(request).await?;
+        Ok(Response::new(proto::SendMessageResponse {
+            message: Some(message_to_proto(message)),
+        }))
+    }
+
+    async fn get_message(
+        &self,
+        request: Request<proto::GetMessageRequest>,
+    ) -> Result<Response<proto::GetMessageResponse>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        let message = self
+            .visible_message(&caller, request.get_ref().message_id)
+            .await?;
+        Ok(Response::new(proto::GetMessageResponse {
+            message: Some(message_to_proto(message)),
+        }))
+    }
+
+    async fn list_messages(
+        &self,
+        request: Request<proto::ListMessagesRequest>,
+    ) -> Result<Response<proto::ListMessagesResponse>, Status> {
+        Ok(Response::new(self.list(request).await?))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<proto::ListConversationsRequest>,
+    ) -> Result<Response<proto::ListConversationsResponse>, Status> {
+        Ok(Response::new(self.conversations(request).await?))
+    }
+
+    async fn mark_read(
+        &self,
+        request: Request<proto::MarkReadRequest>,
+    ) -> Result<Response<proto::MarkReadResponse>, Status> {
+        let updated_count = MessageApi::mark_read(self, request).await?;
+        Ok(Response::new(proto::MarkReadResponse { updated_count }))
+    }
+
+    async fn delete_message(
+        &self,
+        request: Request<proto::DeleteMessageRequest>,
+    ) -> Result<Response<proto::DeleteMessageResponse>, Status> {
+        self.delete(request).await?;
+        Ok(Response::new(proto::DeleteMessageResponse {}))
+    }
+
+    async fn stream_messages(
+        &self,
+        request: Request<proto::StreamMessagesRequest>,
+    ) -> Result<Response<BoxStream<proto::StreamMessagesResponse>>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        // Subscribed before the response (and its headers) leaves.
+        let subscription = self.state.events.subscribe(caller.user.id);
+        let (out, stream) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(Self::feed_stream(
+            Arc::clone(&self.state),
+            caller,
+            subscription,
+            out,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+}

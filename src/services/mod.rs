@@ -13,6 +13,7 @@ pub mod user_admin;
 use std::{net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
+use tokio::sync::watch;
 use tonic::Request;
 
 use crate::{
@@ -20,6 +21,7 @@ use crate::{
     config::Config,
     domain::Timestamp,
     error::AppError,
+    events::{EventHub, HubEvent},
     storage::{Database, UserRecord},
 };
 
@@ -28,7 +30,10 @@ pub struct AppState {
     pub db: Arc<dyn Database>,
     pub tokens: Arc<TokenService>,
     pub hasher: Arc<PasswordHasher>,
+    pub events: Arc<EventHub>,
     pub config: Config,
+    /// Turns true when the server begins to shut down; open streams end.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// `last_used_at` is written at most this often per session (one minute), so
@@ -40,6 +45,8 @@ pub const LAST_USED_PRECISION_MICROS: i64 = 60_000_000;
 pub struct Caller {
     pub user: UserRecord,
     pub session_id: i64,
+    /// The session's absolute end (microseconds).
+    pub session_expires_at: i64,
 }
 
 impl AppState {
@@ -70,6 +77,7 @@ impl AppState {
         Ok(Caller {
             user: live.user,
             session_id: access.session_id,
+            session_expires_at: live.expires_at,
         })
     }
 
@@ -82,6 +90,23 @@ impl AppState {
                 tracing::debug!(session_id, error = %error, "could not update last_used_at");
             }
         });
+    }
+
+    /// Tells open streams of the user, on every instance, to re-check their
+    /// session: call after any revocation.
+    pub async fn sessions_revoked(&self, user_id: i64) {
+        self.events
+            .publish(HubEvent::SessionsRevoked { user_id })
+            .await;
+    }
+
+    /// True while the session is live and its user active.
+    pub async fn session_is_live(&self, session_id: i64, user_id: i64) -> Result<bool, AppError> {
+        Ok(self
+            .db
+            .find_live_session(session_id, user_id, Timestamp::now().micros())
+            .await?
+            .is_some())
     }
 
     /// The user as the protocol shows it, with their current role names.

@@ -175,6 +175,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id, "user deleted");
+        self.state.sessions_revoked(user_id).await;
         Ok(Response::new(proto::DeleteUserResponse {}))
     }
 
@@ -192,6 +193,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id, "user disabled; sessions revoked");
+        self.state.sessions_revoked(user_id).await;
         Ok(Response::new(proto::DisableUserResponse {
             user: self.user_response(&user).await?,
         }))

@@ -56,10 +56,13 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: connection exceptions (08), shutdown and crash (57P0x),
-            // too many connections (53300). SQLite: BUSY (5) and LOCKED (6).
+            // too many connections (53300), deadlock (40P01) and serialization
+            // failure (40001), which a retry resolves. SQLite: BUSY (5), LOCKED (6).
             code.starts_with("08")
                 || code.starts_with("57P")
                 || code == "53300"
+                || code == "40P01"
+                || code == "40001"
                 || code == "5"
                 || code == "6"
         }
@@ -134,7 +137,7 @@ pub enum RefreshOutcome {
         session_expires_at: i64,
     },
     /// The token had been spent before: treated as theft, the session is revoked.
-    Reused { session_id: i64 },
+    Reused { session_id: i64, user_id: i64 },
     /// Unknown token, or its session or user is no longer live.
     Invalid,
 }
@@ -237,6 +240,8 @@ pub trait RoleRepository: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct LiveSession {
     pub user: UserRecord,
+    /// The session's absolute end.
+    pub expires_at: i64,
     /// When the session was last marked used (written at most once a minute).
     pub last_used_at: i64,
 }
@@ -286,9 +291,128 @@ pub struct MigrationState {
     pub applied: bool,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+pub struct MessageRecord {
+    pub id: i64,
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub content: String,
+    pub is_read: bool,
+    pub parent_id: Option<i64>,
+    pub conversation_id: String,
+    pub created_at: i64,
+    pub read_at: Option<i64>,
+}
+
+pub struct NewMessage {
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub content: String,
+    pub parent_id: Option<i64>,
+    pub conversation_id: String,
+    pub now: i64,
+}
+
+/// ListMessages filters, all optional.
+#[derive(Debug, Clone, Default)]
+pub struct MessageFilter {
+    pub with_user_id: Option<i64>,
+    pub conversation_id: Option<String>,
+    pub unread_only: bool,
+}
+
+/// Keyset position "newest first": items strictly older than `(created_at, id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Before {
+    pub created_at: i64,
+    pub id: i64,
+}
+
+impl Before {
+    /// Before everything: the first page.
+    pub const START: Self = Self {
+        created_at: i64::MAX,
+        id: i64::MAX,
+    };
+}
+
+/// One participant's view of a conversation.
+#[derive(Debug, Clone)]
+pub struct ConversationRecord {
+    pub other_user_id: i64,
+    pub unread_count: i64,
+    pub last_message: MessageRecord,
+}
+
+#[async_trait]
+pub trait MessageRepository: Send + Sync {
+    /// Stores the message and updates both participants' conversation rows,
+    /// in one transaction.
+    async fn insert_message(&self, message: NewMessage) -> Result<MessageRecord>;
+
+    async fn find_message(&self, message_id: i64) -> Result<Option<MessageRecord>>;
+
+    /// The messages `user_id` sent or received that match `filter`, newest
+    /// first, strictly before `before`, at most `limit`.
+    async fn list_messages(
+        &self,
+        user_id: i64,
+        filter: &MessageFilter,
+        before: Before,
+        limit: i64,
+    ) -> Result<Vec<MessageRecord>>;
+
+    /// The user's conversations by newest activity, strictly before `before`
+    /// (the last message's `created_at` and id).
+    async fn list_conversations(
+        &self,
+        user_id: i64,
+        before: Before,
+        limit: i64,
+    ) -> Result<Vec<ConversationRecord>>;
+
+    /// Marks as read those of `message_ids` that `recipient_id` received and
+    /// had not read; returns them as they are now. One transaction.
+    async fn mark_read(
+        &self,
+        recipient_id: i64,
+        message_ids: &[i64],
+        now: i64,
+    ) -> Result<Vec<MessageRecord>>;
+
+    /// Deletes the message if `sender_id` sent it; returns it as it was.
+    /// Conversation rows are corrected in the same transaction.
+    async fn delete_message(
+        &self,
+        message_id: i64,
+        sender_id: i64,
+    ) -> Result<Option<MessageRecord>>;
+}
+
+/// Carries stream events between server instances sharing one database.
+#[async_trait]
+pub trait EventChannel: Send + Sync {
+    /// Sends `payload` to the listeners of every instance, this one included.
+    async fn publish(&self, payload: String) -> Result<()>;
+
+    /// Starts listening (connected and subscribed when this returns), then
+    /// hands each payload to `deliver` until `stop` turns true.
+    async fn start_listener(
+        &self,
+        deliver: Arc<dyn Fn(String) + Send + Sync>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<()>>;
+}
+
 /// One backend: every repository plus the operational calls.
 #[async_trait]
-pub trait Database: UserRepository + RoleRepository + SessionRepository {
+pub trait Database:
+    UserRepository + RoleRepository + SessionRepository + MessageRepository
+{
+    /// The cross-instance event channel, or `None` where one process owns the
+    /// database (SQLite) and in-process delivery is enough.
+    fn event_channel(&self) -> Option<Arc<dyn EventChannel>>;
+
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<()>;
 

@@ -1,7 +1,7 @@
 //! The PostgreSQL backend, for production and for several instances sharing
 //! one database.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -10,7 +10,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use super::{Database, MigrationState, Result, migrations};
+use super::{Database, EventChannel, MigrationState, Result, migrations};
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -49,6 +49,12 @@ impl_repositories!(PostgresStore, Postgres);
 
 #[async_trait]
 impl Database for PostgresStore {
+    fn event_channel(&self) -> Option<Arc<dyn EventChannel>> {
+        Some(Arc::new(PgEventChannel {
+            pool: self.pool.clone(),
+        }))
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -68,5 +74,98 @@ impl Database for PostgresStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Stream events between instances: LISTEN/NOTIFY on one channel. A payload
+/// that fits in a notification travels in it (`p:` prefix); a larger one is
+/// stored in `stream_events` and the notification carries its id (`i:`).
+struct PgEventChannel {
+    pool: PgPool,
+}
+
+const CHANNEL: &str = "ai_message_events";
+/// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_INLINE_PAYLOAD: usize = 7900;
+/// Stored events older than this are swept; every listener has long read them.
+const STORED_EVENT_LIFETIME_MICROS: i64 = 60_000_000;
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+fn now_micros() -> i64 {
+    crate::domain::Timestamp::now().micros()
+}
+
+#[async_trait]
+impl EventChannel for PgEventChannel {
+    async fn publish(&self, payload: String) -> Result<()> {
+        if payload.len() <= MAX_INLINE_PAYLOAD {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL) // $1
+                .bind(format!("p:{payload}")) // $2
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query(
+                "WITH stored AS (INSERT INTO stream_events (payload, created_at) VALUES ($2, $3) \
+                 RETURNING id) SELECT pg_notify($1, 'i:' || id) FROM stored",
+            )
+            .bind(CHANNEL) // $1
+            .bind(payload) // $2
+            .bind(now_micros()) // $3
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn start_listener(
+        &self,
+        deliver: Arc<dyn Fn(String) + Send + Sync>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        let pool = self.pool.clone();
+        Ok(tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = sweep.tick() => {
+                        let cutoff = now_micros() - STORED_EVENT_LIFETIME_MICROS;
+                        if let Err(error) = sqlx::query("DELETE FROM stream_events WHERE created_at < $1")
+                            .bind(cutoff) // $1
+                            .execute(&pool)
+                            .await
+                        {
+                            tracing::warn!(error = %error, "sweeping stored stream events failed");
+                        }
+                    }
+                    received = listener.recv() => match received {
+                        Ok(notification) => {
+                            let payload = notification.payload();
+                            if let Some(inline) = payload.strip_prefix("p:") {
+                                deliver(inline.to_owned());
+                            } else if let Some(id) = payload.strip_prefix("i:").and_then(|id| id.parse::<i64>().ok()) {
+                                match sqlx::query_scalar::<_, String>("SELECT payload FROM stream_events WHERE id = $1")
+                                    .bind(id) // $1
+                                    .fetch_optional(&pool)
+                                    .await
+                                {
+                                    Ok(Some(stored)) => deliver(stored),
+                                    Ok(None) => tracing::warn!(id, "stored stream event already swept"),
+                                    Err(error) => tracing::warn!(error = %error, "reading a stored stream event failed"),
+                                }
+                            }
+                        }
+                        // PgListener reconnects by itself on the next recv.
+                        Err(error) => {
+                            tracing::warn!(error = %error, "event listener connection lost; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    },
+                }
+            }
+        }))
     }
 }

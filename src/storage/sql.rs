@@ -260,6 +260,7 @@ macro_rules! impl_repositories {
                 // Children first, explicitly, so the outcome does not hang on
                 // cascade settings; messages go with their sender or recipient.
                 for statement in [
+                    "DELETE FROM conversation_members WHERE user_id = $1 OR other_user_id = $1",
                     "DELETE FROM refresh_tokens WHERE user_id = $1",
                     "DELETE FROM sessions WHERE user_id = $1",
                     "DELETE FROM user_roles WHERE user_id = $1",
@@ -432,6 +433,319 @@ macro_rules! impl_repositories {
             }
         }
 
+        /// Appends `AND (created_at, id) < before ORDER BY ... LIMIT n`.
+        fn push_page(
+            query: &mut sqlx::QueryBuilder<$db>,
+            before: $crate::storage::Before,
+            limit: i64,
+        ) {
+            query
+                .push(" AND (created_at, id) < (")
+                .push_bind(before.created_at)
+                .push(", ")
+                .push_bind(before.id)
+                .push(") ORDER BY created_at DESC, id DESC LIMIT ")
+                .push_bind(limit);
+        }
+
+        /// Adds `unread` to one participant's conversation row, creating it, and
+        /// makes `message` its last message unless a newer one is already there.
+        async fn upsert_conversation_member(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            user_id: i64,
+            other_user_id: i64,
+            message: &$crate::storage::MessageRecord,
+            unread: i64,
+        ) -> $crate::storage::Result<()> {
+            sqlx::query(
+                "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
+                 last_message_id, last_created_at, unread_count) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (user_id, other_user_id, conversation_id) DO UPDATE SET \
+                 last_message_id = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+                 > (conversation_members.last_created_at, conversation_members.last_message_id) \
+                 THEN excluded.last_message_id ELSE conversation_members.last_message_id END, \
+                 last_created_at = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+                 > (conversation_members.last_created_at, conversation_members.last_message_id) \
+                 THEN excluded.last_created_at ELSE conversation_members.last_created_at END, \
+                 unread_count = conversation_members.unread_count + excluded.unread_count",
+            )
+            .bind(user_id) // $1
+            .bind(other_user_id) // $2
+            .bind(&message.conversation_id) // $3
+            .bind(message.id) // $4
+            .bind(message.created_at) // $5
+            .bind(unread) // $6
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::storage::MessageRepository for $store {
+            async fn insert_message(
+                &self,
+                message: $crate::storage::NewMessage,
+            ) -> $crate::storage::Result<$crate::storage::MessageRecord> {
+                let low = message.sender_id.min(message.recipient_id);
+                let high = message.sender_id.max(message.recipient_id);
+                let mut tx = self.begin_write().await?;
+                let stored: $crate::storage::MessageRecord = sqlx::query_as(
+                    "INSERT INTO messages (sender_id, recipient_id, content, is_read, parent_id, \
+                     conversation_id, created_at, user_low, user_high) \
+                     VALUES ($1, $2, $3, FALSE, $4, $5, $6, $7, $8) RETURNING *",
+                )
+                .bind(message.sender_id) // $1
+                .bind(message.recipient_id) // $2
+                .bind(&message.content) // $3
+                .bind(message.parent_id) // $4
+                .bind(&message.conversation_id) // $5
+                .bind(message.now) // $6
+                .bind(low) // $7
+                .bind(high) // $8
+                .fetch_one(&mut *tx)
+                .await?;
+                // Rows are locked in ascending user order, the same in every
+                // transaction, so concurrent sends in both directions of one
+                // pair cannot deadlock on PostgreSQL.
+                let (sender, recipient) = (stored.sender_id, stored.recipient_id);
+                let mut members = vec![(recipient, sender, 1)];
+                if sender != recipient {
+                    members.push((sender, recipient, 0));
+                }
+                members.sort_unstable();
+                for (user_id, other_user_id, unread) in members {
+                    upsert_conversation_member(&mut tx, user_id, other_user_id, &stored, unread).await?;
+                }
+                tx.commit().await?;
+                Ok(stored)
+            }
+
+            async fn find_message(
+                &self,
+                message_id: i64,
+            ) -> $crate::storage::Result<Option<$crate::storage::MessageRecord>> {
+                Ok(sqlx::query_as("SELECT * FROM messages WHERE id = $1")
+                    .bind(message_id) // $1
+                    .fetch_optional(self.reader())
+                    .await?)
+            }
+
+            async fn list_messages(
+                &self,
+                user_id: i64,
+                filter: &$crate::storage::MessageFilter,
+                before: $crate::storage::Before,
+                limit: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::MessageRecord>> {
+                // Each branch is one range scan of one index, newest first:
+                // (user_low, user_high[, conversation_id], created_at, id) for a
+                // pair, the partial unread index, or sender and recipient
+                // indexes merged.
+                let conversation = |query: &mut sqlx::QueryBuilder<$db>| {
+                    if let Some(conversation_id) = &filter.conversation_id {
+                        query.push(" AND conversation_id = ").push_bind(conversation_id.clone());
+                    }
+                };
+                let mut query = sqlx::QueryBuilder::<$db>::new("");
+                match (filter.with_user_id, filter.unread_only) {
+                    (Some(other), unread_only) => {
+                        query
+                            .push("SELECT * FROM messages WHERE user_low = ")
+                            .push_bind(user_id.min(other))
+                            .push(" AND user_high = ")
+                            .push_bind(user_id.max(other));
+                        conversation(&mut query);
+                        if unread_only {
+                            query
+                                .push(" AND recipient_id = ")
+                                .push_bind(user_id)
+                                .push(" AND is_read = FALSE");
+                        }
+                        push_page(&mut query, before, limit);
+                    }
+                    (None, true) => {
+                        query
+                            .push("SELECT * FROM messages WHERE recipient_id = ")
+                            .push_bind(user_id)
+                            .push(" AND is_read = FALSE");
+                        conversation(&mut query);
+                        push_page(&mut query, before, limit);
+                    }
+                    (None, false) => {
+                        query
+                            .push("SELECT * FROM (SELECT * FROM messages WHERE sender_id = ")
+                            .push_bind(user_id);
+                        conversation(&mut query);
+                        push_page(&mut query, before, limit);
+                        // A note to oneself is in both branches: keep it in the first.
+                        query
+                            .push(") AS sent UNION ALL SELECT * FROM (SELECT * FROM messages WHERE recipient_id = ")
+                            .push_bind(user_id)
+                            .push(" AND sender_id <> ")
+                            .push_bind(user_id);
+                        conversation(&mut query);
+                        push_page(&mut query, before, limit);
+                        query
+                            .push(") AS received ORDER BY created_at DESC, id DESC LIMIT ")
+                            .push_bind(limit);
+                    }
+                }
+                Ok(query.build_query_as().fetch_all(self.reader()).await?)
+            }
+
+            async fn list_conversations(
+                &self,
+                user_id: i64,
+                before: $crate::storage::Before,
+                limit: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::ConversationRecord>> {
+                #[derive(sqlx::FromRow)]
+                struct Row {
+                    member_other_user_id: i64,
+                    member_unread_count: i64,
+                    #[sqlx(flatten)]
+                    message: $crate::storage::MessageRecord,
+                }
+                let rows: Vec<Row> = sqlx::query_as(
+                    "SELECT cm.other_user_id AS member_other_user_id, \
+                     cm.unread_count AS member_unread_count, m.* \
+                     FROM conversation_members cm JOIN messages m ON m.id = cm.last_message_id \
+                     WHERE cm.user_id = $1 AND (cm.last_created_at, cm.last_message_id) < ($2, $3) \
+                     ORDER BY cm.last_created_at DESC, cm.last_message_id DESC LIMIT $4",
+                )
+                .bind(user_id) // $1
+                .bind(before.created_at) // $2
+                .bind(before.id) // $3
+                .bind(limit) // $4
+                .fetch_all(self.reader())
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|row| $crate::storage::ConversationRecord {
+                        other_user_id: row.member_other_user_id,
+                        unread_count: row.member_unread_count,
+                        last_message: row.message,
+                    })
+                    .collect())
+            }
+
+            async fn mark_read(
+                &self,
+                recipient_id: i64,
+                message_ids: &[i64],
+                now: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::MessageRecord>> {
+                if message_ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut tx = self.begin_write().await?;
+                let mut query = sqlx::QueryBuilder::<$db>::new("UPDATE messages SET is_read = TRUE, read_at = ");
+                query
+                    .push_bind(now)
+                    .push(" WHERE recipient_id = ")
+                    .push_bind(recipient_id)
+                    .push(" AND is_read = FALSE AND id IN (");
+                let mut ids = query.separated(", ");
+                for id in message_ids {
+                    ids.push_bind(*id);
+                }
+                query.push(") RETURNING *");
+                let mut changed: Vec<$crate::storage::MessageRecord> =
+                    query.build_query_as().fetch_all(&mut *tx).await?;
+                // One decrement per (sender, conversation) row.
+                let mut per_conversation: std::collections::BTreeMap<(i64, String), i64> =
+                    std::collections::BTreeMap::new();
+                for message in &changed {
+                    *per_conversation
+                        .entry((message.sender_id, message.conversation_id.clone()))
+                        .or_default() += 1;
+                }
+                for ((sender_id, conversation_id), count) in per_conversation {
+                    sqlx::query(
+                        "UPDATE conversation_members SET unread_count = unread_count - $4 \
+                         WHERE user_id = $1 AND other_user_id = $2 AND conversation_id = $3",
+                    )
+                    .bind(recipient_id) // $1
+                    .bind(sender_id) // $2
+                    .bind(conversation_id) // $3
+                    .bind(count) // $4
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                changed.sort_by_key(|message| message.id);
+                Ok(changed)
+            }
+
+            async fn delete_message(
+                &self,
+                message_id: i64,
+                sender_id: i64,
+            ) -> $crate::storage::Result<Option<$crate::storage::MessageRecord>> {
+                let mut tx = self.begin_write().await?;
+                let deleted: Option<$crate::storage::MessageRecord> =
+                    sqlx::query_as("DELETE FROM messages WHERE id = $1 AND sender_id = $2 RETURNING *")
+                        .bind(message_id) // $1
+                        .bind(sender_id) // $2
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some(deleted) = deleted else {
+                    return Ok(None);
+                };
+                let (sender, recipient) = (deleted.sender_id, deleted.recipient_id);
+                if !deleted.is_read {
+                    sqlx::query(
+                        "UPDATE conversation_members SET unread_count = unread_count - 1 \
+                         WHERE user_id = $1 AND other_user_id = $2 AND conversation_id = $3",
+                    )
+                    .bind(recipient) // $1
+                    .bind(sender) // $2
+                    .bind(&deleted.conversation_id) // $3
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let newest: Option<(i64, i64)> = sqlx::query_as(
+                    "SELECT id, created_at FROM messages WHERE user_low = $1 AND user_high = $2 \
+                     AND conversation_id = $3 ORDER BY created_at DESC, id DESC LIMIT 1",
+                )
+                .bind(sender.min(recipient)) // $1
+                .bind(sender.max(recipient)) // $2
+                .bind(&deleted.conversation_id) // $3
+                .fetch_optional(&mut *tx)
+                .await?;
+                match newest {
+                    Some((last_id, last_created_at)) => {
+                        sqlx::query(
+                            "UPDATE conversation_members SET last_message_id = $4, last_created_at = $5 \
+                             WHERE conversation_id = $3 AND last_message_id = $6 \
+                             AND ((user_id = $1 AND other_user_id = $2) OR (user_id = $2 AND other_user_id = $1))",
+                        )
+                        .bind(sender) // $1
+                        .bind(recipient) // $2
+                        .bind(&deleted.conversation_id) // $3
+                        .bind(last_id) // $4
+                        .bind(last_created_at) // $5
+                        .bind(deleted.id) // $6
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    None => {
+                        sqlx::query(
+                            "DELETE FROM conversation_members WHERE conversation_id = $3 \
+                             AND ((user_id = $1 AND other_user_id = $2) OR (user_id = $2 AND other_user_id = $1))",
+                        )
+                        .bind(sender) // $1
+                        .bind(recipient) // $2
+                        .bind(&deleted.conversation_id) // $3
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(Some(deleted))
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::storage::SessionRepository for $store {
             async fn list_live_sessions(
@@ -494,11 +808,12 @@ macro_rules! impl_repositories {
                     #[sqlx(flatten)]
                     user: $crate::storage::UserRecord,
                     session_last_used_at: i64,
+                    session_expires_at: i64,
                 }
                 let row: Option<Row> = sqlx::query_as(concat!(
                     "SELECT ",
                     user_columns!("u"),
-                    ", s.last_used_at AS session_last_used_at \
+                    ", s.last_used_at AS session_last_used_at, s.expires_at AS session_expires_at \
                      FROM sessions s JOIN users u ON u.id = s.user_id \
                      WHERE s.id = $1 AND s.user_id = $2 AND s.is_active AND s.expires_at > $3 \
                      AND u.is_active"
@@ -511,6 +826,7 @@ macro_rules! impl_repositories {
                 Ok(row.map(|row| $crate::storage::LiveSession {
                     user: row.user,
                     last_used_at: row.session_last_used_at,
+                    expires_at: row.session_expires_at,
                 }))
             }
 
@@ -543,12 +859,12 @@ macro_rules! impl_repositories {
                 .fetch_optional(&mut *tx)
                 .await?;
                 let Some((session_id, user_id)) = spent else {
-                    let previous: Option<i64> =
-                        sqlx::query_scalar("SELECT session_id FROM refresh_tokens WHERE token_hash = $1")
+                    let previous: Option<(i64, i64)> =
+                        sqlx::query_as("SELECT session_id, user_id FROM refresh_tokens WHERE token_hash = $1")
                             .bind(presented_hash) // $1
                             .fetch_optional(&mut *tx)
                             .await?;
-                    let Some(session_id) = previous else {
+                    let Some((session_id, user_id)) = previous else {
                         return Ok(RefreshOutcome::Invalid);
                     };
                     sqlx::query(
@@ -560,7 +876,7 @@ macro_rules! impl_repositories {
                     .execute(&mut *tx)
                     .await?;
                     tx.commit().await?;
-                    return Ok(RefreshOutcome::Reused { session_id });
+                    return Ok(RefreshOutcome::Reused { session_id, user_id });
                 };
                 let session_expires_at: Option<i64> = sqlx::query_scalar(
                     "SELECT s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id \

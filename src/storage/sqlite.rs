@@ -83,6 +83,11 @@ impl_repositories!(SqliteStore, Sqlite);
 
 #[async_trait]
 impl Database for SqliteStore {
+    /// One process owns an SQLite file: in-process delivery is enough.
+    fn event_channel(&self) -> Option<std::sync::Arc<dyn super::EventChannel>> {
+        None
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())

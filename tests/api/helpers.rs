@@ -122,6 +122,7 @@ impl Drop for PostgresDatabase {
 pub struct TestApp {
     pub backend: Backend,
     pub port: u16,
+    pub config: Config,
     pub state: Arc<AppState>,
     pub channel: Channel,
     pub auth: AuthServiceClient<Channel>,
@@ -164,7 +165,7 @@ pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config
     let mut config = Config::for_tests(target);
     config.secret_key = Some(TEST_SECRET.to_vec());
     customize(&mut config);
-    let app = Application::build(config).await.unwrap();
+    let app = Application::build(config.clone()).await.unwrap();
     let port = app.port();
     let state = app.state();
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -178,6 +179,7 @@ pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config
     TestApp {
         backend,
         port,
+        config,
         state,
         auth: AuthServiceClient::new(channel.clone()),
         admin: UserAdminServiceClient::new(channel.clone()),
@@ -308,6 +310,16 @@ impl TestApp {
                     .unwrap()
             }
         }
+    }
+
+    /// A second server on this test's database, as another instance would be.
+    pub async fn spawn_sibling(&self) -> TestApp {
+        let config = self.config.clone();
+        let mut sibling = spawn_app_with(self.backend, |c| *c = config).await;
+        // The sibling shares this database: it must not drop it when it stops.
+        sibling._postgres = None;
+        sibling.database_url = self.database_url.clone();
+        sibling
     }
 
     pub async fn stop(mut self) {

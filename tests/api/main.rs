@@ -8,6 +8,7 @@
 mod helpers;
 mod auth;
 mod cli;
+mod message;
 mod platform;
 mod session;
 mod user_admin;

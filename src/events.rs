@@ -1,0 +1,236 @@
+//! Real-time events for StreamMessages: a hub of per-user broadcast channels.
+//!
+//! Publishing goes through the database's event channel when there is one
+//! (PostgreSQL LISTEN/NOTIFY, so every instance sharing the database hears
+//! it, this one included) and straight to the local hub otherwise (SQLite,
+//! one process). Each user has a bounded channel: a subscriber that falls
+//! more than `USER_CHANNEL_CAPACITY` events behind is told it lagged instead
+//! of holding others back or growing memory.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::storage::{EventChannel, MessageRecord};
+
+/// Events kept per user for slow subscribers before they count as lagging.
+pub const USER_CHANNEL_CAPACITY: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageChange {
+    Created,
+    Read,
+    Deleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HubEvent {
+    /// A message changed; delivered to its sender and its recipient.
+    Message {
+        change: MessageChange,
+        message: MessageRecord,
+    },
+    /// Some session of the user was revoked; open streams re-check theirs.
+    SessionsRevoked { user_id: i64 },
+}
+
+impl HubEvent {
+    /// The users whose streams receive the event (once each).
+    fn audience(&self) -> impl Iterator<Item = i64> {
+        let (first, second) = match self {
+            Self::Message { message, .. } => (
+                message.sender_id,
+                (message.recipient_id != message.sender_id).then_some(message.recipient_id),
+            ),
+            Self::SessionsRevoked { user_id } => (*user_id, None),
+        };
+        std::iter::once(first).chain(second)
+    }
+}
+
+pub struct EventHub {
+    /// One channel per user with at least one open stream on this instance.
+    channels: Mutex<HashMap<i64, broadcast::Sender<Arc<HubEvent>>>>,
+    remote: Option<Arc<dyn EventChannel>>,
+}
+
+/// A user's subscription; dropping it removes the user's channel once no
+/// stream listens to it any more.
+pub struct Subscription {
+    pub receiver: broadcast::Receiver<Arc<HubEvent>>,
+    hub: Arc<EventHub>,
+    user_id: i64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut channels = self.hub.lock();
+        if let Some(sender) = channels.get(&self.user_id) {
+            // This subscription's receiver is still alive here, hence `<= 1`.
+            if sender.receiver_count() <= 1 {
+                channels.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+impl EventHub {
+    pub fn new(remote: Option<Arc<dyn EventChannel>>) -> Arc<Self> {
+        Arc::new(Self {
+            channels: Mutex::new(HashMap::new()),
+            remote,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, broadcast::Sender<Arc<HubEvent>>>> {
+        // The map stays consistent even if a holder panicked: recover it.
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Subscribes to the user's events from now on.
+    pub fn subscribe(self: &Arc<Self>, user_id: i64) -> Subscription {
+        let receiver = self
+            .lock()
+            .entry(user_id)
+            .or_insert_with(|| broadcast::channel(USER_CHANNEL_CAPACITY).0)
+            .subscribe();
+        Subscription {
+            receiver,
+            hub: Arc::clone(self),
+            user_id,
+        }
+    }
+
+    /// Sends the event to every instance (or just this one, without a channel).
+    /// A failure to reach the database is logged, not returned: the change
+    /// the event describes has already been committed.
+    pub async fn publish(&self, event: HubEvent) {
+        let Some(remote) = &self.remote else {
+            self.deliver(Arc::new(event));
+            return;
+        };
+        match serde_json::to_string(&event) {
+            Ok(payload) => {
+                if let Err(error) = remote.publish(payload).await {
+                    tracing::warn!(error = %error, "publishing a stream event failed; delivering locally only");
+                    self.deliver(Arc::new(event));
+                }
+            }
+            Err(error) => tracing::error!(error = %error, "stream event did not serialize"),
+        }
+    }
+
+    /// Hands a payload from the database's event channel to local subscribers.
+    pub fn deliver_payload(&self, payload: &str) {
+        match serde_json::from_str::<HubEvent>(payload) {
+            Ok(event) => self.deliver(Arc::new(event)),
+            Err(error) => tracing::warn!(error = %error, "ignoring a malformed stream event"),
+        }
+    }
+
+    fn deliver(&self, event: Arc<HubEvent>) {
+        let channels = self.lock();
+        for user_id in event.audience() {
+            if let Some(sender) = channels.get(&user_id) {
+                // An error only means nobody listens right now.
+                let _ = sender.send(Arc::clone(&event));
+            }
+        }
+    }
+
+    /// Users with a channel on this instance (for tests and metrics).
+    pub fn subscribed_users(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sender_id: i64, recipient_id: i64) -> MessageRecord {
+        MessageRecord {
+            id: 1,
+            sender_id,
+            recipient_id,
+            content: "hi".into(),
+            is_read: false,
+            parent_id: None,
+            conversation_id: "c".into(),
+            created_at: 0,
+            read_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn events_reach_sender_and_recipient_and_nobody_else() {
+        let hub = EventHub::new(None);
+        let mut sender = hub.subscribe(1);
+        let mut recipient = hub.subscribe(2);
+        let mut stranger = hub.subscribe(3);
+        hub.publish(HubEvent::Message {
+            change: MessageChange::Created,
+            message: message(1, 2),
+        })
+        .await;
+        assert!(sender.receiver.try_recv().is_ok());
+        assert!(recipient.receiver.try_recv().is_ok());
+        assert!(stranger.receiver.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_note_to_oneself_arrives_once() {
+        let hub = EventHub::new(None);
+        let mut me = hub.subscribe(1);
+        hub.publish(HubEvent::Message {
+            change: MessageChange::Created,
+            message: message(1, 1),
+        })
+        .await;
+        assert!(me.receiver.try_recv().is_ok());
+        assert!(me.receiver.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_is_told_it_lagged() {
+        let hub = EventHub::new(None);
+        let mut slow = hub.subscribe(1);
+        for _ in 0..=USER_CHANNEL_CAPACITY {
+            hub.publish(HubEvent::SessionsRevoked { user_id: 1 }).await;
+        }
+        assert!(matches!(
+            slow.receiver.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+        ));
+    }
+
+    #[test]
+    fn channels_go_away_with_their_last_subscriber() {
+        let hub = EventHub::new(None);
+        let first = hub.subscribe(7);
+        let second = hub.subscribe(7);
+        assert_eq!(hub.subscribed_users(), 1);
+        drop(first);
+        assert_eq!(hub.subscribed_users(), 1);
+        drop(second);
+        assert_eq!(hub.subscribed_users(), 0);
+    }
+
+    #[test]
+    fn events_survive_the_trip_through_json() {
+        let event = HubEvent::Message {
+            change: MessageChange::Read,
+            message: message(4, 5),
+        };
+        let hub = EventHub::new(None);
+        let mut recipient = hub.subscribe(5);
+        hub.deliver_payload(&serde_json::to_string(&event).unwrap());
+        assert_eq!(*recipient.receiver.try_recv().unwrap(), event);
+    }
+}
