@@ -11,7 +11,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    auth::{BearerInterceptor, PasswordHasher, TokenService},
+    auth::{BearerInterceptor, PasswordHasher, TokenService, throttle::Throttle},
     config::{Config, DatabaseTarget, redact_password},
     events::EventHub,
     proto::{
@@ -152,6 +152,7 @@ impl Application {
             stop: stop_tx,
             background: event_listener.into_iter().collect(),
             state: Arc::new(AppState {
+                throttle: Throttle::new(Arc::clone(&db), &config),
                 db,
                 tokens,
                 hasher,

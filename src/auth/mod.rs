@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod interceptor;
 pub mod passwords;
+pub mod throttle;
 pub mod tokens;
 
 pub use interceptor::{BearerInterceptor, BearerOutcome};

@@ -6,7 +6,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
 use tokio::sync::{OnceCell, Semaphore};
@@ -24,6 +24,8 @@ pub struct PasswordHasher {
     /// Hash of a random password, verified for unknown users so that their
     /// failure costs the same time as a wrong password.
     dummy_hash: OnceCell<String>,
+    /// bcrypt runs so far (hashes and verifications), for tests and metrics.
+    runs: AtomicU64,
 }
 
 /// Decrements the waiting count however the wait ends (even if cancelled).
@@ -44,6 +46,7 @@ impl PasswordHasher {
             waiting: AtomicUsize::new(0),
             max_pending,
             dummy_hash: OnceCell::new(),
+            runs: AtomicU64::new(0),
         })
     }
 
@@ -61,11 +64,17 @@ impl PasswordHasher {
         }
         let _permit = self.workers.acquire().await.map_err(AppError::internal)?;
         drop(waiting);
+        self.runs.fetch_add(1, Ordering::Relaxed);
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(job))
             .in_current_span()
             .await
             .map_err(AppError::internal)
+    }
+
+    /// How many bcrypt computations have run (hashes and verifications).
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
     }
 
     pub async fn hash(&self, password: &str) -> Result<String, AppError> {

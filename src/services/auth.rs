@@ -16,6 +16,7 @@ use crate::{
 
 /// The one answer for every failed login, so that it reveals nothing.
 const LOGIN_FAILED: &str = "invalid username or password";
+const THROTTLED: &str = "too many failed attempts; try again later";
 const REFRESH_FAILED: &str = "invalid, expired or revoked refresh token";
 const TOKEN_TYPE: &str = "bearer";
 /// Longest `device_info` kept; a longer `user-agent` is cut to it.
@@ -73,21 +74,47 @@ impl AuthApi {
         }
         violations.into_result()?;
 
-        let hasher = &self.state.hasher;
         let user = if body.username.is_empty() {
             None
         } else {
             self.state.db.find_user_by_login(&body.username).await?
         };
-        let Some(user) = user else {
-            // Unknown users cost one verification too, so timing reveals nothing.
-            hasher.verify_dummy().await?;
+        // Username and email count toward one account; unknown names are
+        // throttled exactly like real ones.
+        let account_key = match &user {
+            Some(user) => format!("user:{}", user.id),
+            None => format!("name:{}", body.username.to_lowercase()),
+        };
+        let address = ip_address.map(|ip| ip.to_string());
+        let throttle = &self.state.throttle;
+        if !throttle
+            .reserve(Some(&account_key), address.as_deref())
+            .await?
+        {
+            tracing::info!(target: "audit", peer = ?address, "login throttled");
+            return Err(AppError::ResourceExhausted(THROTTLED));
+        }
+        let hasher = &self.state.hasher;
+        let password_matches = match &user {
+            Some(user) if !body.password.is_empty() => {
+                hasher.verify(&body.password, &user.password_hash).await?
+            }
+            // Unknown users and empty passwords cost one verification too,
+            // so the answer's timing reveals nothing.
+            _ => {
+                hasher.verify_dummy().await?;
+                false
+            }
+        };
+        let Some(user) = user.filter(|_| password_matches) else {
+            tracing::info!(target: "audit", peer = ?address, "login failed");
             return Err(AppError::Unauthenticated(LOGIN_FAILED));
         };
-        if body.password.is_empty() || !hasher.verify(&body.password, &user.password_hash).await? {
-            return Err(AppError::Unauthenticated(LOGIN_FAILED));
-        }
+        throttle
+            .succeeded(Some(&account_key), address.as_deref())
+            .await?;
         if !user.is_active {
+            tracing::info!(target: "audit", user_id = user.id, peer = ?address, "login refused: account disabled");
             return Err(AppError::PermissionDenied("this account is disabled"));
         }
 
@@ -100,7 +127,7 @@ impl AuthApi {
             .create_session(NewSession {
                 user_id: user.id,
                 device_info: body.device_info.or(user_agent).filter(|d| !d.is_empty()),
-                ip_address: ip_address.map(|ip| ip.to_string()),
+                ip_address: address.clone(),
                 now: now.micros(),
                 expires_at: session_expires_at.micros(),
                 refresh_token_hash: refresh.hash,
@@ -112,6 +139,7 @@ impl AuthApi {
             target: "audit",
             user_id = user.id,
             session_id = session.id,
+            peer = ?address,
             "login succeeded"
         );
         Ok(proto::LoginResponse {
@@ -223,19 +251,27 @@ impl AuthApi {
             &caller.user.email,
         ));
         violations.into_result()?;
+        let Some(new_password) = new_password else {
+            return Err(AppError::invalid("new_password", "is missing"));
+        };
+        // A wrong current password counts toward the account's throttle.
+        let account_key = format!("user:{}", caller.user.id);
+        let throttle = &self.state.throttle;
+        if !throttle.reserve(Some(&account_key), None).await? {
+            return Err(AppError::ResourceExhausted(THROTTLED));
+        }
         let hasher = &self.state.hasher;
         if !hasher
             .verify(&body.current_password, &caller.user.password_hash)
             .await?
         {
+            tracing::info!(target: "audit", user_id = caller.user.id, session_id = caller.session_id, "password change refused: wrong current password");
             return Err(AppError::invalid(
                 "current_password",
                 "is not the current password",
             ));
         }
-        let Some(new_password) = new_password else {
-            return Err(AppError::invalid("new_password", "is missing"));
-        };
+        throttle.succeeded(Some(&account_key), None).await?;
         let new_hash = hasher.hash(new_password.as_str()).await?;
         self.state
             .db
@@ -304,6 +340,15 @@ impl AuthService for AuthApi {
         &self,
         request: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterResponse>, Status> {
+        let address =
+            client_address(&request, &self.state.config.trusted_proxies).map(|ip| ip.to_string());
+        let throttle = &self.state.throttle;
+        // A throttled address learns nothing, not even whether a name is taken.
+        if let Some(address) = &address
+            && throttle.address_throttled(address).await?
+        {
+            return Err(AppError::ResourceExhausted(THROTTLED).into());
+        }
         let body = request.into_inner();
         let account = NewAccount::parse(
             &body.username,
@@ -311,9 +356,18 @@ impl AuthService for AuthApi {
             &body.password,
             body.full_name.as_deref(),
         )?;
-        let user =
-            create_account(self.state.db.as_ref(), &self.state.hasher, account, false).await?;
-        tracing::info!(target: "audit", user_id = user.id, "user registered");
+        let user = match create_account(self.state.db.as_ref(), &self.state.hasher, account, false)
+            .await
+        {
+            Ok(user) => user,
+            Err(taken @ AppError::AlreadyExists(_)) => {
+                // Probing for taken names counts as a failure of the address.
+                throttle.reserve(None, address.as_deref()).await?;
+                return Err(taken.into());
+            }
+            Err(other) => return Err(other.into()),
+        };
+        tracing::info!(target: "audit", user_id = user.id, peer = ?address, "user registered");
         Ok(Response::new(proto::RegisterResponse {
             user: Some(user_to_proto(&user, Vec::new())),
         }))

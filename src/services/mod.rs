@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tonic::Request;
 
 use crate::{
-    auth::{BearerOutcome, PasswordHasher, TokenService, interceptor},
+    auth::{BearerOutcome, PasswordHasher, TokenService, interceptor, throttle::Throttle},
     config::Config,
     domain::Timestamp,
     error::AppError,
@@ -30,6 +30,7 @@ pub struct AppState {
     pub db: Arc<dyn Database>,
     pub tokens: Arc<TokenService>,
     pub hasher: Arc<PasswordHasher>,
+    pub throttle: Throttle,
     pub events: Arc<EventHub>,
     pub config: Config,
     /// Turns true when the server begins to shut down; open streams end.

@@ -389,6 +389,54 @@ pub trait MessageRepository: Send + Sync {
     ) -> Result<Option<MessageRecord>>;
 }
 
+/// Limits of the login throttle (see `ThrottleRepository`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleLimits {
+    /// Consecutive failures of one account before its logins are delayed.
+    pub account_failures: i64,
+    /// First delay once throttled; each further failure adds as much again.
+    pub account_delay_step: i64,
+    /// Longest delay.
+    pub account_delay_max: i64,
+    /// Failures from one address within `address_window` before it is throttled.
+    pub address_failures: i64,
+    pub address_window: i64,
+}
+
+/// Failure counting that every instance shares. Reservations are pessimistic
+/// and atomic: an attempt counts as a failure *before* its password is
+/// checked, so parallel attempts can never exceed the limits; a success
+/// then takes its count back.
+#[async_trait]
+pub trait ThrottleRepository: Send + Sync {
+    /// Reserves one attempt for the address and then for the account (either
+    /// may be `None`), in one transaction. False when either is throttled
+    /// (then the account's count is untouched).
+    async fn reserve_attempt(
+        &self,
+        account_key: Option<&str>,
+        address: Option<&str>,
+        limits: ThrottleLimits,
+        now: i64,
+    ) -> Result<bool>;
+
+    /// Takes back a reserved attempt that succeeded: the account's count
+    /// resets, the address's count drops by one.
+    async fn attempt_succeeded(
+        &self,
+        account_key: Option<&str>,
+        address: Option<&str>,
+    ) -> Result<()>;
+
+    /// True while the address is throttled (checked before Register).
+    async fn address_throttled(
+        &self,
+        address: &str,
+        limits: ThrottleLimits,
+        now: i64,
+    ) -> Result<bool>;
+}
+
 /// Carries stream events between server instances sharing one database.
 #[async_trait]
 pub trait EventChannel: Send + Sync {
@@ -407,7 +455,7 @@ pub trait EventChannel: Send + Sync {
 /// One backend: every repository plus the operational calls.
 #[async_trait]
 pub trait Database:
-    UserRepository + RoleRepository + SessionRepository + MessageRepository
+    UserRepository + RoleRepository + SessionRepository + MessageRepository + ThrottleRepository
 {
     /// The cross-instance event channel, or `None` where one process owns the
     /// database (SQLite) and in-process delivery is enough.

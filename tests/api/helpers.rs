@@ -284,6 +284,26 @@ impl TestApp {
         }
     }
 
+    /// Runs one statement (with `$1` bound to `id`) directly on the database.
+    pub async fn execute(&self, sql: &str, id: i64) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.backend {
+            Backend::Sqlite => {
+                let path = self.database_url.trim_start_matches("sqlite:///");
+                let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+                    .await
+                    .unwrap();
+                sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+
     /// Runs one `SELECT COUNT(*) ...` (with `$1` bound to `id`) directly on the database.
     pub async fn count(&self, sql: &str, id: i64) -> i64 {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());

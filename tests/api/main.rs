@@ -8,6 +8,7 @@
 mod helpers;
 mod auth;
 mod cli;
+mod hardening;
 mod message;
 mod platform;
 mod session;

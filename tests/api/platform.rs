@@ -109,7 +109,7 @@ async fn reflection_lists_the_services(backend: Backend) {
 
 /// Sends raw bytes as a request body, whatever they decode to.
 #[derive(Clone, Copy, Default)]
-struct RawCodec;
+pub(crate) struct RawCodec;
 
 impl Codec for RawCodec {
     type Encode = Vec<u8>;
@@ -147,7 +147,11 @@ impl Decoder for RawCodec {
     }
 }
 
-async fn call_raw(app: &TestApp, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+pub(crate) async fn call_raw(
+    app: &TestApp,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
     let mut grpc = tonic::client::Grpc::new(app.channel.clone());
     grpc.ready().await.unwrap();
     grpc.unary(

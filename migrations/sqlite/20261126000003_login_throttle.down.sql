@@ -1,0 +1,2 @@
+DROP TABLE login_address_throttle;
+DROP TABLE login_account_throttle;

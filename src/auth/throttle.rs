@@ -1,0 +1,76 @@
+//! Login throttling against brute force and credential stuffing, kept in the
+//! database so that every instance enforces the same limits.
+//!
+//! - Per account: after `AI_MESSAGE_LOGIN_ACCOUNT_FAILURES` consecutive
+//!   failures, logins wait 15 s, then 30 s, 45 s, ... (at most 15 min) after
+//!   each further failure. Never a permanent lock an attacker could use
+//!   against the owner; a success resets the count.
+//! - Per address: `AI_MESSAGE_LOGIN_ADDRESS_FAILURES` failures within a
+//!   10-minute window throttle the address until the window closes.
+//!
+//! Throttled attempts are refused before any password check (no bcrypt).
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    config::Config,
+    domain::Timestamp,
+    error::AppError,
+    storage::{Database, ThrottleLimits},
+};
+
+pub const ACCOUNT_DELAY_STEP: Duration = Duration::from_secs(15);
+pub const ACCOUNT_DELAY_MAX: Duration = Duration::from_secs(15 * 60);
+pub const ADDRESS_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+pub struct Throttle {
+    db: Arc<dyn Database>,
+    limits: ThrottleLimits,
+}
+
+impl Throttle {
+    pub fn new(db: Arc<dyn Database>, config: &Config) -> Self {
+        Self {
+            db,
+            limits: ThrottleLimits {
+                account_failures: i64::from(config.login_account_failures),
+                account_delay_step: micros(ACCOUNT_DELAY_STEP),
+                account_delay_max: micros(ACCOUNT_DELAY_MAX),
+                address_failures: i64::from(config.login_address_failures),
+                address_window: micros(ADDRESS_WINDOW),
+            },
+        }
+    }
+
+    /// Counts an attempt (as a failure until `succeeded`); false when the
+    /// account or the address is throttled.
+    pub async fn reserve(
+        &self,
+        account_key: Option<&str>,
+        address: Option<&str>,
+    ) -> Result<bool, AppError> {
+        Ok(self
+            .db
+            .reserve_attempt(account_key, address, self.limits, Timestamp::now().micros())
+            .await?)
+    }
+
+    pub async fn succeeded(
+        &self,
+        account_key: Option<&str>,
+        address: Option<&str>,
+    ) -> Result<(), AppError> {
+        Ok(self.db.attempt_succeeded(account_key, address).await?)
+    }
+
+    pub async fn address_throttled(&self, address: &str) -> Result<bool, AppError> {
+        Ok(self
+            .db
+            .address_throttled(address, self.limits, Timestamp::now().micros())
+            .await?)
+    }
+}

@@ -1,0 +1,387 @@
+//! What an attacker tries: brute force, enumeration, spoofed addresses, and
+//! RPCs reachable without credentials.
+
+use std::time::Duration;
+
+use ai_message::proto;
+use prost::Message as _;
+use tonic::{Code, Request, Status};
+
+use crate::helpers::{
+    Backend, PASSWORD, TestApp, assert_code, bad_request_fields, spawn_app_with, with_bearer,
+};
+
+backend_tests!(
+    fifty_parallel_wrong_logins_run_bcrypt_no_more_often_than_the_limit,
+    a_throttled_account_is_refused_at_once_even_with_the_right_password,
+    unknown_names_are_throttled_exactly_like_real_accounts,
+    login_by_username_and_by_email_count_toward_one_account,
+    an_address_spraying_many_accounts_is_throttled,
+    a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing,
+    a_trusted_proxy_forwards_the_client_address,
+    register_collisions_count_against_the_address,
+    wrong_current_passwords_count_toward_the_account,
+    every_rpc_without_credentials_is_unauthenticated_except_the_allowlist,
+);
+
+async fn login_as(
+    app: &TestApp,
+    login: &str,
+    password: &str,
+    forwarded_for: Option<&str>,
+) -> Result<proto::LoginResponse, Status> {
+    let mut request = Request::new(proto::LoginRequest {
+        username: login.into(),
+        password: password.into(),
+        device_info: None,
+    });
+    if let Some(address) = forwarded_for {
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", address.parse().unwrap());
+    }
+    app.auth
+        .clone()
+        .login(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Ends the account's current delay as if the time had passed.
+async fn let_the_delay_pass(app: &TestApp) {
+    app.execute("UPDATE login_account_throttle SET locked_until = $1", 0)
+        .await;
+}
+
+async fn fifty_parallel_wrong_logins_run_bcrypt_no_more_often_than_the_limit(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_account_failures = 5).await;
+    app.register("target").await;
+    let runs_before = app.state.hasher.runs();
+    let attempts: Vec<_> = (0..50)
+        .map(|i| {
+            let mut auth = app.auth.clone();
+            tokio::spawn(async move {
+                auth.login(proto::LoginRequest {
+                    username: "target".into(),
+                    password: format!("guess number {i}"),
+                    device_info: None,
+                })
+                .await
+            })
+        })
+        .collect();
+    let (mut refused, mut throttled) = (0, 0);
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Err(status) if status.code() == Code::Unauthenticated => refused += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => throttled += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(refused, 5, "exactly the limit reached the password check");
+    assert_eq!(throttled, 45);
+    assert_eq!(
+        app.state.hasher.runs() - runs_before,
+        5,
+        "bcrypt ran once per admitted attempt"
+    );
+    app.stop().await;
+}
+
+async fn a_throttled_account_is_refused_at_once_even_with_the_right_password(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_account_failures = 3).await;
+    app.register("carol").await;
+    for _ in 0..3 {
+        assert_code(
+            login_as(&app, "carol", "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+    }
+    let runs = app.state.hasher.runs();
+    let started = std::time::Instant::now();
+    assert_code(
+        login_as(&app, "carol", PASSWORD, None).await,
+        Code::ResourceExhausted,
+    );
+    assert_eq!(app.state.hasher.runs(), runs, "no bcrypt while throttled");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // No permanent lock: once the delay has passed the owner gets in.
+    let_the_delay_pass(&app).await;
+    assert!(login_as(&app, "carol", PASSWORD, None).await.is_ok());
+    // ...and the success reset the count.
+    for _ in 0..2 {
+        assert_code(
+            login_as(&app, "carol", "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+    }
+    assert!(login_as(&app, "carol", PASSWORD, None).await.is_ok());
+    app.stop().await;
+}
+
+async fn unknown_names_are_throttled_exactly_like_real_accounts(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_account_failures = 3).await;
+    app.register("real").await;
+    for _ in 0..3 {
+        let unknown = assert_code(
+            login_as(&app, "ghost", "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+        let wrong = assert_code(
+            login_as(&app, "real", "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+        assert_eq!(
+            (unknown.message(), unknown.details()),
+            (wrong.message(), wrong.details())
+        );
+    }
+    let unknown = assert_code(
+        login_as(&app, "ghost", "wrong password", None).await,
+        Code::ResourceExhausted,
+    );
+    let real = assert_code(
+        login_as(&app, "real", "wrong password", None).await,
+        Code::ResourceExhausted,
+    );
+    assert_eq!(
+        (unknown.message(), unknown.details()),
+        (real.message(), real.details())
+    );
+    app.stop().await;
+}
+
+async fn login_by_username_and_by_email_count_toward_one_account(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_account_failures = 4).await;
+    app.register("dave").await;
+    for login in ["dave", "DAVE@example.com", "Dave", "dave@example.com"] {
+        assert_code(
+            login_as(&app, login, "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_code(
+        login_as(&app, "dave@example.com", PASSWORD, None).await,
+        Code::ResourceExhausted,
+    );
+    app.stop().await;
+}
+
+async fn an_address_spraying_many_accounts_is_throttled(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_address_failures = 5).await;
+    app.register("victim").await;
+    for i in 0..5 {
+        assert_code(
+            login_as(&app, &format!("user{i}"), "Summer2026!", None).await,
+            Code::Unauthenticated,
+        );
+    }
+    let runs = app.state.hasher.runs();
+    assert_code(
+        login_as(&app, "user9", "Summer2026!", None).await,
+        Code::ResourceExhausted,
+    );
+    assert_code(
+        login_as(&app, "victim", PASSWORD, None).await,
+        Code::ResourceExhausted,
+    );
+    assert_eq!(app.state.hasher.runs(), runs);
+    // The window closes: the address may try again.
+    app.execute(
+        "UPDATE login_address_throttle SET window_start = window_start - $1",
+        11 * 60 * 1_000_000,
+    )
+    .await;
+    assert!(login_as(&app, "victim", PASSWORD, None).await.is_ok());
+    app.stop().await;
+}
+
+async fn a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_address_failures = 3).await;
+    app.register("erin").await;
+    for i in 0..3 {
+        assert_code(
+            login_as(
+                &app,
+                &format!("nobody{i}"),
+                "guess",
+                Some(&format!("198.51.100.{i}")),
+            )
+            .await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_code(
+        login_as(&app, "erin", PASSWORD, Some("203.0.113.77")).await,
+        Code::ResourceExhausted,
+    );
+    app.stop().await;
+}
+
+async fn a_trusted_proxy_forwards_the_client_address(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
+        c.login_address_failures = 3;
+        c.trusted_proxies = ai_message::config::parse_networks("127.0.0.1/32").unwrap();
+    })
+    .await;
+    app.register("fred").await;
+    for i in 0..3 {
+        assert_code(
+            login_as(&app, &format!("nobody{i}"), "guess", Some("198.51.100.1")).await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_code(
+        login_as(&app, "fred", PASSWORD, Some("198.51.100.1")).await,
+        Code::ResourceExhausted,
+    );
+    // Another client behind the same proxy is not affected; the rightmost
+    // untrusted entry is the client.
+    let fred = login_as(&app, "fred", PASSWORD, Some("198.51.100.1, 192.0.2.8"))
+        .await
+        .unwrap();
+    let sessions = app
+        .sessions
+        .clone()
+        .list_sessions(with_bearer(
+            proto::ListSessionsRequest {},
+            &fred.access_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(sessions[0].ip_address.as_deref(), Some("192.0.2.8"));
+    app.stop().await;
+}
+
+async fn register_collisions_count_against_the_address(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_address_failures = 3).await;
+    app.register("taken").await;
+    let mut auth = app.auth.clone();
+    let register = |username: &str| proto::RegisterRequest {
+        username: username.into(),
+        email: format!("{username}@example.com"),
+        password: PASSWORD.into(),
+        full_name: None,
+    };
+    for _ in 0..3 {
+        assert_code(auth.register(register("taken")).await, Code::AlreadyExists);
+    }
+    // Throttled before any existence check, for taken and free names alike.
+    assert_code(
+        auth.register(register("taken")).await,
+        Code::ResourceExhausted,
+    );
+    assert_code(
+        auth.register(register("free")).await,
+        Code::ResourceExhausted,
+    );
+    assert_code(
+        login_as(&app, "taken", PASSWORD, None).await,
+        Code::ResourceExhausted,
+    );
+    app.stop().await;
+}
+
+async fn wrong_current_passwords_count_toward_the_account(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.login_account_failures = 3).await;
+    let gina = app.register_and_login("gina").await;
+    let change = |current: &str| {
+        with_bearer(
+            proto::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: "a brand new secret".into(),
+            },
+            &gina.access_token,
+        )
+    };
+    let mut auth = app.auth.clone();
+    for _ in 0..3 {
+        let status = assert_code(
+            auth.change_password(change("not it")).await,
+            Code::InvalidArgument,
+        );
+        assert_eq!(bad_request_fields(&status), ["current_password"]);
+    }
+    assert_code(
+        auth.change_password(change(PASSWORD)).await,
+        Code::ResourceExhausted,
+    );
+    assert_code(
+        login_as(&app, "gina", PASSWORD, None).await,
+        Code::ResourceExhausted,
+    );
+    assert!(
+        app.get_me(&gina.access_token).await.is_ok(),
+        "nothing was revoked"
+    );
+    app.stop().await;
+}
+
+/// Every method of every `aimessage.v1` service, from the descriptor set.
+fn all_rpcs() -> Vec<(String, bool)> {
+    let descriptors =
+        prost_types::FileDescriptorSet::decode(ai_message::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut rpcs = Vec::new();
+    for file in descriptors
+        .file
+        .iter()
+        .filter(|f| f.package() == "aimessage.v1")
+    {
+        for service in &file.service {
+            for method in &service.method {
+                rpcs.push((
+                    format!("/aimessage.v1.{}/{}", service.name(), method.name()),
+                    method.server_streaming(),
+                ));
+            }
+        }
+    }
+    rpcs
+}
+
+async fn every_rpc_without_credentials_is_unauthenticated_except_the_allowlist(backend: Backend) {
+    // Decided: these need no credentials (health and reflection are other packages).
+    const PUBLIC: [&str; 4] = [
+        "/aimessage.v1.AuthService/Register",
+        "/aimessage.v1.AuthService/Login",
+        "/aimessage.v1.AuthService/RefreshToken",
+        "/aimessage.v1.AuthService/ValidateToken",
+    ];
+    let app = spawn_app_with(backend, |_| {}).await;
+    let rpcs = all_rpcs();
+    assert_eq!(rpcs.len(), 9 + 12 + 2 + 7, "a new RPC must be decided here");
+    for (path, streaming) in rpcs {
+        let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+        grpc.ready().await.unwrap();
+        let mut request = Request::new(Vec::new());
+        // Identity never comes from metadata other than the bearer token.
+        request
+            .metadata_mut()
+            .insert("x-user-id", "1".parse().unwrap());
+        let path_and_query: http::uri::PathAndQuery = path.parse().unwrap();
+        let code = if streaming {
+            grpc.server_streaming(request, path_and_query, crate::platform::RawCodec)
+                .await
+                .map(|_| ())
+                .err()
+                .map(|s| s.code())
+        } else {
+            grpc.unary(request, path_and_query, crate::platform::RawCodec)
+                .await
+                .map(|_| ())
+                .err()
+                .map(|s| s.code())
+        };
+        if PUBLIC.contains(&path.as_str()) {
+            continue;
+        }
+        assert_eq!(
+            code,
+            Some(Code::Unauthenticated),
+            "{path} answered {code:?} without credentials"
+        );
+    }
+    app.stop().await;
+}
