@@ -95,16 +95,28 @@ impl From<AppError> for Status {
             AppError::AlreadyExists(_) => Status::already_exists(message),
             AppError::FailedPrecondition(_) => Status::failed_precondition(message),
             AppError::ResourceExhausted(_) => Status::resource_exhausted(message),
+            // The client gets a fixed text and an id; the log line with the
+            // same id has the details.
             AppError::Unavailable(source) => {
-                tracing::warn!(error = %error_chain(source.as_ref()), "dependency unavailable");
-                Status::unavailable(message)
+                let request_id = new_request_id();
+                tracing::warn!(%request_id, error = %error_chain(source.as_ref()), "dependency unavailable");
+                Status::unavailable(format!("{message} (request id {request_id})"))
             }
             AppError::Internal(source) => {
-                tracing::error!(error = %error_chain(source.as_ref()), "internal error");
-                Status::internal(message)
+                let request_id = new_request_id();
+                tracing::error!(%request_id, error = %error_chain(source.as_ref()), "internal error");
+                Status::internal(format!("{message} (request id {request_id})"))
             }
         }
     }
+}
+
+/// A short random id that ties a client's error to the server's log line.
+fn new_request_id() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 8];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The whole `source()` chain on one line, for the server log only.
@@ -156,6 +168,11 @@ mod tests {
             let status = Status::from(error);
             assert_eq!(status.code(), code);
             assert!(!status.message().contains("relation"));
+            assert!(
+                status.message().contains("request id "),
+                "{}",
+                status.message()
+            );
         }
     }
 

@@ -22,6 +22,8 @@ backend_tests!(
     register_collisions_count_against_the_address,
     wrong_current_passwords_count_toward_the_account,
     every_rpc_without_credentials_is_unauthenticated_except_the_allowlist,
+    audit_events_are_logged_without_passwords_or_tokens,
+    a_database_failure_reaches_the_client_without_driver_text,
 );
 
 async fn login_as(
@@ -383,5 +385,128 @@ async fn every_rpc_without_credentials_is_unauthenticated_except_the_allowlist(b
             "{path} answered {code:?} without credentials"
         );
     }
+    app.stop().await;
+}
+
+async fn audit_events_are_logged_without_passwords_or_tokens(backend: Backend) {
+    crate::logs::capture();
+    let app = spawn_app_with(backend, |_| {}).await;
+    let root = app.superuser("auditroot").await;
+    let hank = app.register_and_login("hank").await;
+    assert_code(
+        login_as(&app, "hank", "a wrong password", None).await,
+        Code::Unauthenticated,
+    );
+    let rotated = app.refresh(&hank.refresh_token).await.unwrap();
+    assert_code(
+        app.refresh(&hank.refresh_token).await,
+        Code::Unauthenticated,
+    );
+    let again = login_as(&app, "hank", PASSWORD, None).await.unwrap();
+    app.auth
+        .clone()
+        .change_password(with_bearer(
+            proto::ChangePasswordRequest {
+                current_password: PASSWORD.into(),
+                new_password: "hank's new secret".into(),
+            },
+            &again.access_token,
+        ))
+        .await
+        .unwrap();
+    app.auth
+        .clone()
+        .logout(with_bearer(proto::LogoutRequest {}, &again.access_token))
+        .await
+        .unwrap();
+    app.admin
+        .clone()
+        .disable_user(with_bearer(
+            proto::DisableUserRequest {
+                user_id: hank.user_id,
+            },
+            &root.access_token,
+        ))
+        .await
+        .unwrap();
+    // Logging is asynchronous to nothing here, but give the spawned tasks a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let logs = crate::logs::text();
+    let audit: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains(" audit:"))
+        .collect();
+    let id = format!("user_id={}", hank.user_id);
+    for event in [
+        "login succeeded",
+        "login failed",
+        "spent refresh token presented again",
+        "password changed",
+        "logout",
+    ] {
+        assert!(
+            audit.iter().any(|line| line.contains(event) && (line.contains(&id) || event == "login failed")),
+            "no audit event {event:?} for hank in:\n{}",
+            audit.join("\n")
+        );
+    }
+    assert!(
+        audit.iter().any(|line| line.contains("user disabled")
+            && line.contains(&format!("actor={}", root.user_id)))
+    );
+    assert!(audit.iter().any(|line| line.contains("login succeeded")
+        && line.contains("peer=")
+        && line.contains("session_id=")));
+    for secret in [
+        PASSWORD,
+        "a wrong password",
+        "hank's new secret",
+        &hank.access_token,
+        &hank.refresh_token,
+        &rotated.refresh_token,
+        &again.access_token,
+    ] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
+    }
+    app.stop().await;
+}
+
+async fn a_database_failure_reaches_the_client_without_driver_text(backend: Backend) {
+    crate::logs::capture();
+    let app = spawn_app_with(backend, |_| {}).await;
+    let root = app.superuser("root").await;
+    // Break the database under the running server.
+    app.execute("DROP TABLE user_roles", 0).await;
+    app.execute("DROP TABLE roles", 0).await;
+    let status = assert_code(
+        app.admin
+            .clone()
+            .list_roles(with_bearer(proto::ListRolesRequest {}, &root.access_token))
+            .await,
+        Code::Internal,
+    );
+    let message = status.message();
+    for driver_text in [
+        "roles",
+        "relation",
+        "no such table",
+        "sqlx",
+        "SELECT",
+        "error returned from database",
+    ] {
+        assert!(!message.contains(driver_text), "{message}");
+    }
+    let request_id = message
+        .split("request id ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')');
+    let logs = crate::logs::text();
+    let line = logs
+        .lines()
+        .find(|line| line.contains(request_id))
+        .expect("the log line carries the request id");
+    assert!(line.contains("roles"), "the log has the details: {line}");
     app.stop().await;
 }

@@ -9,6 +9,7 @@ mod helpers;
 mod auth;
 mod cli;
 mod hardening;
+mod logs;
 mod message;
 mod platform;
 mod session;
