@@ -153,6 +153,38 @@ pub struct Config {
     pub max_concurrent_calls: usize,
     pub max_pending_hashes: usize,
     pub reflection: bool,
+    /// HTTP/2 and gRPC limits (additions to the contract's variables).
+    pub transport: TransportLimits,
+}
+
+/// Connection-level limits, each from its own `AI_MESSAGE_*` variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// `AI_MESSAGE_REQUEST_TIMEOUT`: deadline of a unary call (streams are not cut).
+    pub request_timeout: Duration,
+    /// `AI_MESSAGE_MAX_STREAMS_PER_CONNECTION`: concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// `AI_MESSAGE_MAX_HEADER_LIST_BYTES`: largest request header block.
+    pub max_header_list_bytes: u32,
+    /// `AI_MESSAGE_KEEPALIVE_INTERVAL` / `AI_MESSAGE_KEEPALIVE_TIMEOUT`: HTTP/2
+    /// PINGs that find dead peers (also TCP keepalive).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// `AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT`: a client must finish TLS within this.
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 256,
+            max_header_list_bytes: 16 * 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -173,6 +205,7 @@ impl fmt::Debug for Config {
             .field("max_concurrent_calls", &self.max_concurrent_calls)
             .field("max_pending_hashes", &self.max_pending_hashes)
             .field("reflection", &self.reflection)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -270,7 +303,40 @@ impl Config {
             Some(text) => parse_bool(&text).map_err(|m| bad("AI_MESSAGE_REFLECTION", m))?,
             None => true,
         };
+        let defaults = TransportLimits::default();
+        let duration = |variable: &'static str, default: Duration| match get(variable) {
+            Some(text) => parse_ttl(&text).map_err(|m| bad(variable, m)),
+            None => Ok(default),
+        };
+        let transport = TransportLimits {
+            request_timeout: duration("AI_MESSAGE_REQUEST_TIMEOUT", defaults.request_timeout)?,
+            max_streams_per_connection: parse_number(
+                get("AI_MESSAGE_MAX_STREAMS_PER_CONNECTION"),
+                "AI_MESSAGE_MAX_STREAMS_PER_CONNECTION",
+                defaults.max_streams_per_connection,
+                1..=1_000_000,
+            )?,
+            max_header_list_bytes: parse_number(
+                get("AI_MESSAGE_MAX_HEADER_LIST_BYTES"),
+                "AI_MESSAGE_MAX_HEADER_LIST_BYTES",
+                defaults.max_header_list_bytes,
+                1024..=1024 * 1024,
+            )?,
+            keepalive_interval: duration(
+                "AI_MESSAGE_KEEPALIVE_INTERVAL",
+                defaults.keepalive_interval,
+            )?,
+            keepalive_timeout: duration(
+                "AI_MESSAGE_KEEPALIVE_TIMEOUT",
+                defaults.keepalive_timeout,
+            )?,
+            tls_handshake_timeout: duration(
+                "AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT",
+                defaults.tls_handshake_timeout,
+            )?,
+        };
         Ok(Self {
+            transport,
             database,
             host,
             port,
@@ -308,6 +374,7 @@ impl Config {
             max_concurrent_calls: 1024,
             max_pending_hashes: 64,
             reflection: true,
+            transport: TransportLimits::default(),
         }
     }
 }
@@ -567,6 +634,9 @@ mod tests {
             ("AI_MESSAGE_TRUSTED_PROXIES", "10.0.0.0/8, nonsense"),
             ("AI_MESSAGE_MAX_CONCURRENT_CALLS", "0"),
             ("AI_MESSAGE_SSL_CERT", "/nonexistent/cert.pem"),
+            ("AI_MESSAGE_REQUEST_TIMEOUT", "0s"),
+            ("AI_MESSAGE_MAX_STREAMS_PER_CONNECTION", "0"),
+            ("AI_MESSAGE_KEEPALIVE_INTERVAL", "often"),
         ];
         for (variable, value) in cases {
             let error = config(&[(variable, value)]).unwrap_err();

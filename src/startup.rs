@@ -20,8 +20,13 @@ use crate::{
         user_admin_service_server::UserAdminServiceServer,
     },
     services::{
-        AppState, auth::AuthApi, health, message::MessageApi, middleware::CallLogLayer,
-        session::SessionApi, user_admin::UserAdminApi,
+        AppState,
+        auth::AuthApi,
+        health,
+        message::MessageApi,
+        middleware::{CallLogLayer, LoadShedLayer},
+        session::SessionApi,
+        user_admin::UserAdminApi,
     },
     storage::{self, Database},
 };
@@ -212,7 +217,17 @@ impl Application {
         let message = MessageServiceServer::new(MessageApi::new(Arc::clone(&state)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
-        let mut builder = Server::builder();
+        let limits = &config.transport;
+        let mut builder = Server::builder()
+            .timeout(limits.request_timeout)
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .http2_max_header_list_size(limits.max_header_list_bytes)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .tcp_keepalive(Some(limits.keepalive_interval))
+            // Bounds on HTTP/2 reset floods (CVE-2023-44487 "rapid reset" and kin).
+            .http2_max_pending_accept_reset_streams(Some(100))
+            .http2_max_local_error_reset_streams(Some(1024));
         if let Some(tls) = &config.tls {
             let cert = std::fs::read(&tls.cert).with_context(|| {
                 format!("AI_MESSAGE_SSL_CERT: cannot read {}", tls.cert.display())
@@ -221,7 +236,11 @@ impl Application {
                 format!("AI_MESSAGE_SSL_KEY: cannot read {}", tls.key.display())
             })?;
             builder = builder
-                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+                .tls_config(
+                    ServerTlsConfig::new()
+                        .identity(Identity::from_pem(cert, key))
+                        .timeout(limits.tls_handshake_timeout),
+                )
                 .context("AI_MESSAGE_SSL_CERT: invalid certificate or key")?;
         }
         let (reflection_v1, reflection_v1alpha) = if config.reflection {
@@ -245,6 +264,7 @@ impl Application {
 
         let router = builder
             .layer(CallLogLayer)
+            .layer(LoadShedLayer::new(config.max_concurrent_calls))
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)

@@ -129,9 +129,101 @@ mod tests {
     }
 
     #[test]
+    fn streams_health_and_password_rpcs_hold_no_slot() {
+        assert!(holds_no_slot("/aimessage.v1.MessageService/StreamMessages"));
+        assert!(holds_no_slot("/aimessage.v1.AuthService/Login"));
+        assert!(holds_no_slot("/grpc.health.v1.Health/Check"));
+        assert!(!holds_no_slot("/aimessage.v1.AuthService/GetMe"));
+        assert!(!holds_no_slot("/aimessage.v1.MessageService/SendMessage"));
+    }
+
+    #[test]
     fn other_codes_are_left_alone() {
         let mut h = headers(Code::Internal, "internal error");
         assert_eq!(correct_status(&mut h), Code::Internal);
         assert_eq!(correct_status(&mut HeaderMap::new()), Code::Ok);
+    }
+}
+
+/// Load shedding for unary calls: at most `limit` in flight across the whole
+/// process; beyond that a call is refused at once with RESOURCE_EXHAUSTED
+/// (never queued). Streams, health and reflection are not counted, and the
+/// password-hashing RPCs have their own bound (`PasswordHasher`).
+#[derive(Clone)]
+pub struct LoadShedLayer {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl LoadShedLayer {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
+        }
+    }
+}
+
+impl<S> Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LoadShed {
+            inner,
+            permits: std::sync::Arc::clone(&self.permits),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LoadShed<S> {
+    inner: S,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Paths that hold no slot: streams, health, reflection, and the RPCs whose
+/// cost (bcrypt) is bounded by the hasher's own queue.
+fn holds_no_slot(path: &str) -> bool {
+    const EXEMPT: [&str; 5] = [
+        "/aimessage.v1.MessageService/StreamMessages",
+        "/aimessage.v1.AuthService/Register",
+        "/aimessage.v1.AuthService/Login",
+        "/aimessage.v1.AuthService/ChangePassword",
+        "/aimessage.v1.UserAdminService/CreateUser",
+    ];
+    EXEMPT.contains(&path)
+        || path.starts_with("/grpc.health.")
+        || path.starts_with("/grpc.reflection.")
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for LoadShed<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if holds_no_slot(request.uri().path()) {
+            return Box::pin(inner.call(request));
+        }
+        let Ok(permit) = std::sync::Arc::clone(&self.permits).try_acquire_owned() else {
+            let status =
+                tonic::Status::resource_exhausted("the server is at capacity; retry shortly");
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
+        Box::pin(async move {
+            let response = inner.call(request).await;
+            drop(permit);
+            response
+        })
     }
 }

@@ -24,6 +24,7 @@ backend_tests!(
     every_rpc_without_credentials_is_unauthenticated_except_the_allowlist,
     audit_events_are_logged_without_passwords_or_tokens,
     a_database_failure_reaches_the_client_without_driver_text,
+    calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot,
 );
 
 async fn login_as(
@@ -509,4 +510,65 @@ async fn a_database_failure_reaches_the_client_without_driver_text(backend: Back
         .expect("the log line carries the request id");
     assert!(line.contains("roles"), "the log has the details: {line}");
     app.stop().await;
+}
+
+async fn concurrent_get_me(app: &TestApp, token: &str, calls: usize) -> (usize, usize) {
+    let tasks: Vec<_> = (0..calls)
+        .map(|_| {
+            let mut auth = app.auth.clone();
+            let token = token.to_owned();
+            tokio::spawn(async move {
+                auth.get_me(with_bearer(proto::GetMeRequest {}, &token))
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => shed += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    (ok, shed)
+}
+
+async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot(
+    backend: Backend,
+) {
+    let app = spawn_app_with(backend, |c| c.max_concurrent_calls = 2).await;
+    let ivy = app.register_and_login("ivy").await;
+    // Open streams beyond the limit: they hold no slot.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        streams.push(
+            app.messages
+                .clone()
+                .stream_messages(with_bearer(
+                    proto::StreamMessagesRequest {},
+                    &ivy.access_token,
+                ))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(app.get_me(&ivy.access_token).await.is_ok());
+    let (ok, shed) = concurrent_get_me(&app, &ivy.access_token, 300).await;
+    assert!(
+        shed > 0,
+        "300 parallel calls against 2 slots: some are shed"
+    );
+    assert!(ok >= 2, "the admitted ones succeed");
+    drop(streams);
+    app.stop().await;
+
+    let roomy = spawn_app_with(backend, |_| {}).await;
+    let jay = roomy.register_and_login("jay").await;
+    assert_eq!(
+        concurrent_get_me(&roomy, &jay.access_token, 300).await,
+        (300, 0),
+        "below the limit nothing is shed"
+    );
+    roomy.stop().await;
 }
