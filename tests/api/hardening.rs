@@ -323,7 +323,7 @@ async fn wrong_current_passwords_count_toward_the_account(backend: Backend) {
 }
 
 /// Every method of every `aimessage.v1` service, from the descriptor set.
-fn all_rpcs() -> Vec<(String, bool)> {
+pub(crate) fn all_rpcs() -> Vec<(String, bool)> {
     let descriptors =
         prost_types::FileDescriptorSet::decode(ai_message::proto::FILE_DESCRIPTOR_SET).unwrap();
     let mut rpcs = Vec::new();
