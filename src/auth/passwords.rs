@@ -37,6 +37,28 @@ impl Drop for WaitingGuard<'_> {
     }
 }
 
+/// Runs bcrypt threads at nice 10, so that under a login flood the async
+/// threads serving every other call still get the CPU first (the kernel
+/// weighs nice 0 about ten times nice 10), while idle cores still go to
+/// bcrypt. Once per blocking-pool thread; raising priority back would need
+/// privileges, and the other blocking work here (none on the hot path) can
+/// live with it.
+fn lower_thread_priority() {
+    thread_local! {
+        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    LOWERED.with(|lowered| {
+        if !lowered.replace(true) {
+            #[cfg(target_os = "linux")]
+            // SAFETY: setpriority only reads its integer arguments; on Linux
+            // PRIO_PROCESS with 0 applies to the calling thread alone.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+            }
+        }
+    });
+}
+
 impl PasswordHasher {
     pub fn new(cost: u32, max_pending: usize) -> Arc<Self> {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
@@ -66,10 +88,13 @@ impl PasswordHasher {
         drop(waiting);
         self.runs.fetch_add(1, Ordering::Relaxed);
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(job))
-            .in_current_span()
-            .await
-            .map_err(AppError::internal)
+        tokio::task::spawn_blocking(move || {
+            lower_thread_priority();
+            span.in_scope(job)
+        })
+        .in_current_span()
+        .await
+        .map_err(AppError::internal)
     }
 
     /// How many bcrypt computations have run (hashes and verifications).
