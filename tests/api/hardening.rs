@@ -25,6 +25,7 @@ backend_tests!(
     audit_events_are_logged_without_passwords_or_tokens,
     a_database_failure_reaches_the_client_without_driver_text,
     calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot,
+    password_hashing_beyond_the_pending_limit_is_shed_and_below_it_waits,
 );
 
 async fn login_as(
@@ -571,4 +572,51 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no
         "below the limit nothing is shed"
     );
     roomy.stop().await;
+}
+
+async fn parallel_logins(app: &TestApp, calls: usize) -> (usize, usize) {
+    let tasks: Vec<_> = (0..calls)
+        .map(|_| {
+            let mut auth = app.auth.clone();
+            tokio::spawn(async move {
+                auth.login(proto::LoginRequest {
+                    username: "kim".into(),
+                    password: PASSWORD.into(),
+                    device_info: None,
+                })
+                .await
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => shed += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    (ok, shed)
+}
+
+async fn password_hashing_beyond_the_pending_limit_is_shed_and_below_it_waits(backend: Backend) {
+    // Cost 10 makes each verification slow enough (tens of ms) to queue.
+    let app = spawn_app_with(backend, |c| {
+        c.bcrypt_cost = 10;
+        c.max_pending_hashes = 4;
+    })
+    .await;
+    app.register("kim").await;
+    let started = std::time::Instant::now();
+    let (ok, shed) = parallel_logins(&app, 40).await;
+    assert!(
+        shed >= 20,
+        "with 4 waiting places most of 40 parallel logins are shed (ok {ok}, shed {shed})"
+    );
+    assert!(ok >= 4, "those admitted log in (ok {ok})");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // Below the limit every call waits its turn.
+    let (ok, shed) = parallel_logins(&app, 4).await;
+    assert_eq!((ok, shed), (4, 0));
+    app.stop().await;
 }
