@@ -28,6 +28,7 @@ backend_tests!(
     logout_ends_the_stream_with_unauthenticated,
     server_shutdown_ends_streams_cleanly,
     two_instances_share_stream_events_and_revocations,
+    a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back,
 );
 
 async fn send(
@@ -990,4 +991,55 @@ async fn two_instances_share_stream_events_and_revocations(backend: Backend) {
     assert!(started.elapsed() < Duration::from_secs(1));
     second.stop().await;
     first.stop().await;
+}
+
+async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let ann = app.register_and_login("ann").await;
+    let bob = app.register_and_login("bob").await;
+    let mut stalled = subscribe(&app, &bob).await;
+    let second_device = app.login("bob", crate::helpers::PASSWORD).await.unwrap();
+    let bob_again = LoggedIn {
+        access_token: second_device.access_token,
+        refresh_token: second_device.refresh_token,
+        session_id: second_device.session_id,
+        user_id: bob.user_id,
+    };
+    let mut reader = subscribe(&app, &bob_again).await;
+    // The reader keeps up, concurrently, while the stalled stream reads nothing.
+    let total = 1500;
+    let reading = tokio::spawn(async move {
+        let mut received = 0;
+        while received < total {
+            match next_event(&mut reader, Duration::from_secs(10)).await {
+                Some(Ok(Event::Created(_))) => received += 1,
+                other => panic!("the reading subscriber was disturbed: {other:?}"),
+            }
+        }
+        received
+    });
+    // Large enough that transport buffers (HTTP/2 windows) cannot hold them all.
+    let padding = "p".repeat(7000);
+    for i in 0..total {
+        send(&app, &ann, text(bob.user_id, &format!("{i} {padding}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        reading.await.unwrap(),
+        total,
+        "a slow subscriber holds nobody back"
+    );
+    let mut delivered = 0;
+    let ending = loop {
+        match next_event(&mut stalled, SOON).await {
+            Some(Ok(_)) => delivered += 1,
+            Some(Err(status)) => break status,
+            None => panic!("the stalled stream neither lagged nor ended after {delivered} events"),
+        }
+    };
+    assert_eq!(ending.code(), Code::ResourceExhausted, "{ending:?}");
+    assert!(ending.message().contains("behind"), "{}", ending.message());
+    assert!(delivered < total);
+    app.stop().await;
 }
