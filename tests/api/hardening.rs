@@ -26,6 +26,7 @@ backend_tests!(
     a_database_failure_reaches_the_client_without_driver_text,
     calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot,
     password_hashing_beyond_the_pending_limit_is_shed_and_below_it_waits,
+    unknown_users_and_wrong_passwords_take_the_same_time,
 );
 
 async fn login_as(
@@ -618,5 +619,62 @@ async fn password_hashing_beyond_the_pending_limit_is_shed_and_below_it_waits(ba
     // Below the limit every call waits its turn.
     let (ok, shed) = parallel_logins(&app, 4).await;
     assert_eq!((ok, shed), (4, 0));
+    app.stop().await;
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+async fn unknown_users_and_wrong_passwords_take_the_same_time(backend: Backend) {
+    // Cost 8: one verification takes about 20 ms, well above noise.
+    let app = spawn_app_with(backend, |c| {
+        c.bcrypt_cost = 8;
+        c.login_account_failures = 1000;
+        c.login_address_failures = 1000;
+    })
+    .await;
+    app.register("lena").await;
+    // Warm up (the dummy hash is made on first use).
+    let _ = login_as(&app, "nobody-warmup", "wrong password", None).await;
+    let (mut unknown, mut wrong, mut empty) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..15 {
+        let started = std::time::Instant::now();
+        assert_code(
+            login_as(&app, &format!("nobody{i}"), "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+        unknown.push(started.elapsed());
+        let started = std::time::Instant::now();
+        assert_code(
+            login_as(&app, "lena", "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+        wrong.push(started.elapsed());
+        let started = std::time::Instant::now();
+        assert_code(
+            login_as(&app, "lena", "", None).await,
+            Code::Unauthenticated,
+        );
+        empty.push(started.elapsed());
+    }
+    let (unknown, wrong, empty) = (median(unknown), median(wrong), median(empty));
+    let close = |a: Duration, b: Duration| {
+        let (low, high) = if a < b { (a, b) } else { (b, a) };
+        high - low < high / 3 + Duration::from_millis(3)
+    };
+    assert!(
+        close(unknown, wrong),
+        "unknown user {unknown:?} vs wrong password {wrong:?}"
+    );
+    assert!(
+        close(empty, wrong),
+        "empty password {empty:?} vs wrong password {wrong:?}"
+    );
+    assert!(
+        wrong > Duration::from_millis(5),
+        "a verification really ran ({wrong:?})"
+    );
     app.stop().await;
 }
