@@ -15,7 +15,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::storage::{EventChannel, MessageRecord};
+use crate::{
+    auth::cache::SessionCache,
+    storage::{EventChannel, MessageRecord},
+};
 
 /// Events kept per user for slow subscribers before they count as lagging.
 pub const USER_CHANNEL_CAPACITY: usize = 256;
@@ -34,21 +37,25 @@ pub enum HubEvent {
         change: MessageChange,
         message: MessageRecord,
     },
-    /// Some session of the user was revoked; open streams re-check theirs.
-    SessionsRevoked { user_id: i64 },
+    /// The user, their sessions or their roles changed (a revocation among
+    /// others): caches forget the user and open streams re-check their session.
+    UserChanged { user_id: i64 },
+    /// Something that touches many users changed (a role was deleted).
+    AllUsersChanged,
 }
 
 impl HubEvent {
     /// The users whose streams receive the event (once each).
     fn audience(&self) -> impl Iterator<Item = i64> {
-        let (first, second) = match self {
-            Self::Message { message, .. } => (
-                message.sender_id,
+        let users = match self {
+            Self::Message { message, .. } => [
+                Some(message.sender_id),
                 (message.recipient_id != message.sender_id).then_some(message.recipient_id),
-            ),
-            Self::SessionsRevoked { user_id } => (*user_id, None),
+            ],
+            Self::UserChanged { user_id } => [Some(*user_id), None],
+            Self::AllUsersChanged => [None, None],
         };
-        std::iter::once(first).chain(second)
+        users.into_iter().flatten()
     }
 }
 
@@ -56,6 +63,8 @@ pub struct EventHub {
     /// One channel per user with at least one open stream on this instance.
     channels: Mutex<HashMap<i64, broadcast::Sender<Arc<HubEvent>>>>,
     remote: Option<Arc<dyn EventChannel>>,
+    /// Forgets users that another instance changed.
+    sessions: Arc<SessionCache>,
 }
 
 /// A user's subscription; dropping it removes the user's channel once no
@@ -79,10 +88,11 @@ impl Drop for Subscription {
 }
 
 impl EventHub {
-    pub fn new(remote: Option<Arc<dyn EventChannel>>) -> Arc<Self> {
+    pub fn new(remote: Option<Arc<dyn EventChannel>>, sessions: Arc<SessionCache>) -> Arc<Self> {
         Arc::new(Self {
             channels: Mutex::new(HashMap::new()),
             remote,
+            sessions,
         })
     }
 
@@ -135,6 +145,11 @@ impl EventHub {
     }
 
     fn deliver(&self, event: Arc<HubEvent>) {
+        match &*event {
+            HubEvent::UserChanged { user_id } => self.sessions.invalidate_user(*user_id),
+            HubEvent::AllUsersChanged => self.sessions.clear(),
+            HubEvent::Message { .. } => {}
+        }
         let channels = self.lock();
         for user_id in event.audience() {
             if let Some(sender) = channels.get(&user_id) {
@@ -170,7 +185,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_reach_sender_and_recipient_and_nobody_else() {
-        let hub = EventHub::new(None);
+        let hub = EventHub::new(None, Default::default());
         let mut sender = hub.subscribe(1);
         let mut recipient = hub.subscribe(2);
         let mut stranger = hub.subscribe(3);
@@ -186,7 +201,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_note_to_oneself_arrives_once() {
-        let hub = EventHub::new(None);
+        let hub = EventHub::new(None, Default::default());
         let mut me = hub.subscribe(1);
         hub.publish(HubEvent::Message {
             change: MessageChange::Created,
@@ -199,10 +214,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_is_told_it_lagged() {
-        let hub = EventHub::new(None);
+        let hub = EventHub::new(None, Default::default());
         let mut slow = hub.subscribe(1);
         for _ in 0..=USER_CHANNEL_CAPACITY {
-            hub.publish(HubEvent::SessionsRevoked { user_id: 1 }).await;
+            hub.publish(HubEvent::UserChanged { user_id: 1 }).await;
         }
         assert!(matches!(
             slow.receiver.try_recv(),
@@ -212,7 +227,7 @@ mod tests {
 
     #[test]
     fn channels_go_away_with_their_last_subscriber() {
-        let hub = EventHub::new(None);
+        let hub = EventHub::new(None, Default::default());
         let first = hub.subscribe(7);
         let second = hub.subscribe(7);
         assert_eq!(hub.subscribed_users(), 1);
@@ -228,7 +243,7 @@ mod tests {
             change: MessageChange::Read,
             message: message(4, 5),
         };
-        let hub = EventHub::new(None);
+        let hub = EventHub::new(None, Default::default());
         let mut recipient = hub.subscribe(5);
         hub.deliver_payload(&serde_json::to_string(&event).unwrap());
         assert_eq!(*recipient.receiver.try_recv().unwrap(), event);

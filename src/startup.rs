@@ -11,7 +11,9 @@ use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    auth::{BearerInterceptor, PasswordHasher, TokenService, throttle::Throttle},
+    auth::{
+        BearerInterceptor, PasswordHasher, TokenService, cache::SessionCache, throttle::Throttle,
+    },
     config::{Config, DatabaseTarget, redact_password},
     events::EventHub,
     proto::{
@@ -135,7 +137,8 @@ impl Application {
             })?;
         let address = listener.local_addr()?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let events = EventHub::new(db.event_channel());
+        let sessions = Arc::new(SessionCache::default());
+        let events = EventHub::new(db.event_channel(), Arc::clone(&sessions));
         // Listening before the first call, so a stream is subscribed on every
         // instance from the moment its headers go out.
         let event_listener = match db.event_channel() {
@@ -162,6 +165,7 @@ impl Application {
                 tokens,
                 hasher,
                 events,
+                sessions,
                 config,
                 shutdown: stop_rx,
             }),

@@ -3,6 +3,7 @@
 //! still live?) happen in the async path, in [`AppState::authenticate`](crate::startup::AppState).
 
 pub mod accounts;
+pub mod cache;
 pub mod interceptor;
 pub mod passwords;
 pub mod throttle;

@@ -182,7 +182,7 @@ impl AuthApi {
                     session_id,
                     "spent refresh token presented again; session revoked"
                 );
-                self.state.sessions_revoked(user_id).await;
+                self.state.user_changed(user_id).await;
                 return Err(AppError::Unauthenticated(REFRESH_FAILED));
             }
             RefreshOutcome::Invalid => return Err(AppError::Unauthenticated(REFRESH_FAILED)),
@@ -228,6 +228,7 @@ impl AuthApi {
             .db
             .update_profile(caller.user.id, changes, Timestamp::now().micros())
             .await?;
+        self.state.user_changed(caller.user.id).await;
         Ok(proto::UpdateMeResponse {
             user: Some(self.state.user_proto(&user).await?),
         })
@@ -288,7 +289,7 @@ impl AuthApi {
             session_id = caller.session_id,
             "password changed"
         );
-        self.state.sessions_revoked(caller.user.id).await;
+        self.state.user_changed(caller.user.id).await;
         Ok(())
     }
 
@@ -303,22 +304,21 @@ impl AuthApi {
         else {
             return Ok(inactive);
         };
-        let Some(live) = self
+        let Some(cached) = self
             .state
-            .db
-            .find_live_session(session_id, user_id, now.micros())
+            .live_session(session_id, user_id, now.micros())
             .await?
         else {
             return Ok(inactive);
         };
-        let user = live.user;
+        let user = cached.live.user;
         Ok(proto::ValidateTokenResponse {
             active: true,
             user_id,
-            username: user.username.clone(),
+            username: user.username,
             session_id,
             is_superuser: user.is_superuser,
-            roles: self.state.db.role_names(user_id).await?,
+            roles: cached.roles,
             expires_at: Some(prost_types::Timestamp {
                 seconds: expires_at,
                 nanos: 0,
@@ -405,7 +405,7 @@ impl AuthService for AuthApi {
             session_id = caller.session_id,
             "logout"
         );
-        self.state.sessions_revoked(caller.user.id).await;
+        self.state.user_changed(caller.user.id).await;
         Ok(Response::new(proto::LogoutResponse {}))
     }
 
@@ -426,7 +426,7 @@ impl AuthService for AuthApi {
             revoked,
             "logout from every session"
         );
-        self.state.sessions_revoked(caller.user.id).await;
+        self.state.user_changed(caller.user.id).await;
         Ok(Response::new(proto::LogoutAllResponse {
             revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
         }))
@@ -438,7 +438,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<proto::GetMeResponse>, Status> {
         let caller = self.state.authenticate(&request).await?;
         Ok(Response::new(proto::GetMeResponse {
-            user: Some(self.state.user_proto(&caller.user).await?),
+            user: Some(self.state.caller_proto(&caller)),
         }))
     }
 

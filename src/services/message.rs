@@ -336,7 +336,8 @@ impl MessageApi {
                             }
                         }
                         // A failed check (database down) is retried at the next recheck.
-                        HubEvent::SessionsRevoked { .. } => {
+                        HubEvent::AllUsersChanged => {}
+                        HubEvent::UserChanged { .. } => {
                             if matches!(state.session_is_live(caller.session_id, caller.user.id).await, Ok(false)) {
                                 break Some(session_ended());
                             }

@@ -17,7 +17,12 @@ use tokio::sync::watch;
 use tonic::Request;
 
 use crate::{
-    auth::{BearerOutcome, PasswordHasher, TokenService, interceptor, throttle::Throttle},
+    auth::{
+        BearerOutcome, PasswordHasher, TokenService,
+        cache::{CachedSession, SessionCache},
+        interceptor,
+        throttle::Throttle,
+    },
     config::Config,
     domain::Timestamp,
     error::AppError,
@@ -32,6 +37,8 @@ pub struct AppState {
     pub hasher: Arc<PasswordHasher>,
     pub throttle: Throttle,
     pub events: Arc<EventHub>,
+    /// Live sessions recently read, shared with `events` for invalidation.
+    pub sessions: Arc<SessionCache>,
     pub config: Config,
     /// Turns true when the server begins to shut down; open streams end.
     pub shutdown: watch::Receiver<bool>,
@@ -45,6 +52,8 @@ pub const LAST_USED_PRECISION_MICROS: i64 = 60_000_000;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub user: UserRecord,
+    /// The user's role names, as of this call.
+    pub roles: Vec<String>,
     pub session_id: i64,
     /// The session's absolute end (microseconds).
     pub session_expires_at: i64,
@@ -65,26 +74,51 @@ impl AppState {
             }
         };
         let now = Timestamp::now().micros();
-        let live = self
-            .db
-            .find_live_session(access.session_id, access.user_id, now)
+        let cached = self
+            .live_session(access.session_id, access.user_id, now)
             .await?
             .ok_or(AppError::Unauthenticated(
                 "the session has ended; log in again",
             ))?;
-        if now - live.last_used_at >= LAST_USED_PRECISION_MICROS {
+        if now - cached.live.last_used_at >= LAST_USED_PRECISION_MICROS {
             self.mark_session_used(access.session_id, now);
         }
         Ok(Caller {
-            user: live.user,
+            user: cached.live.user,
+            roles: cached.roles,
             session_id: access.session_id,
-            session_expires_at: live.expires_at,
+            session_expires_at: cached.live.expires_at,
         })
+    }
+
+    /// The live session with its user and roles: from the cache while fresh,
+    /// else from the database (two reads), then cached.
+    pub async fn live_session(
+        &self,
+        session_id: i64,
+        user_id: i64,
+        now: i64,
+    ) -> Result<Option<CachedSession>, AppError> {
+        if let Some(cached) = self.sessions.get(session_id, user_id, now) {
+            return Ok(Some(cached));
+        }
+        let generation = self.sessions.generation();
+        let Some(live) = self.db.find_live_session(session_id, user_id, now).await? else {
+            return Ok(None);
+        };
+        let roles = self.db.role_names(user_id).await?;
+        self.sessions
+            .insert(session_id, live.clone(), roles.clone(), generation);
+        Ok(self
+            .sessions
+            .get(session_id, user_id, now)
+            .or(Some(CachedSession::fresh(live, roles))))
     }
 
     /// Records use of a session in the background: the call does not wait
     /// for the write, and a failure only leaves `last_used_at` a little older.
     fn mark_session_used(&self, session_id: i64, now: i64) {
+        self.sessions.mark_used(session_id, now);
         let db = Arc::clone(&self.db);
         tokio::spawn(async move {
             if let Err(error) = db.touch_session(session_id, now).await {
@@ -93,12 +127,18 @@ impl AppState {
         });
     }
 
-    /// Tells open streams of the user, on every instance, to re-check their
-    /// session: call after any revocation.
-    pub async fn sessions_revoked(&self, user_id: i64) {
-        self.events
-            .publish(HubEvent::SessionsRevoked { user_id })
-            .await;
+    /// Call after any write that changes a user, their sessions or their
+    /// roles: this instance forgets the user at once, other instances as
+    /// soon as the event reaches them, and open streams re-check their session.
+    pub async fn user_changed(&self, user_id: i64) {
+        self.sessions.invalidate_user(user_id);
+        self.events.publish(HubEvent::UserChanged { user_id }).await;
+    }
+
+    /// Like `user_changed`, for a change that touches many users.
+    pub async fn all_users_changed(&self) {
+        self.sessions.clear();
+        self.events.publish(HubEvent::AllUsersChanged).await;
     }
 
     /// True while the session is live and its user active.
@@ -108,6 +148,11 @@ impl AppState {
             .find_live_session(session_id, user_id, Timestamp::now().micros())
             .await?
             .is_some())
+    }
+
+    /// The caller as the protocol shows them (roles as of this call).
+    pub fn caller_proto(&self, caller: &Caller) -> crate::proto::User {
+        convert::user_to_proto(&caller.user, caller.roles.clone())
     }
 
     /// The user as the protocol shows it, with their current role names.

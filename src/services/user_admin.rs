@@ -175,7 +175,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id, "user deleted");
-        self.state.sessions_revoked(user_id).await;
+        self.state.user_changed(user_id).await;
         Ok(Response::new(proto::DeleteUserResponse {}))
     }
 
@@ -193,7 +193,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id, "user disabled; sessions revoked");
-        self.state.sessions_revoked(user_id).await;
+        self.state.user_changed(user_id).await;
         Ok(Response::new(proto::DisableUserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -212,6 +212,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id, "user enabled");
+        self.state.user_changed(user_id).await;
         Ok(Response::new(proto::EnableUserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -236,6 +237,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id, is_superuser, "superuser flag set");
+        self.state.user_changed(user_id).await;
         Ok(Response::new(proto::SetSuperuserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -254,6 +256,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, user_id = body.user_id, role_ids = ?body.role_ids, "user roles replaced");
+        self.state.user_changed(body.user_id).await;
         Ok(Response::new(proto::SetUserRolesResponse {
             roles: roles.into_iter().map(role_to_proto).collect(),
         }))
@@ -330,6 +333,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, role_id, "role deleted");
+        self.state.all_users_changed().await;
         Ok(Response::new(proto::DeleteRoleResponse {}))
     }
 }

@@ -955,6 +955,8 @@ async fn roles_are_unique_and_deleting_one_removes_it_from_users(backend: Backen
         ))
         .await
         .unwrap();
+    // Seen (and cached) with the role before it is deleted...
+    assert_eq!(app.get_me(&eve.access_token).await.unwrap().roles, ["ops"]);
     admin
         .delete_role(with_bearer(
             proto::DeleteRoleRequest {
