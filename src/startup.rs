@@ -30,7 +30,7 @@ use crate::{
         session::SessionApi,
         user_admin::UserAdminApi,
     },
-    storage::{self, Database},
+    storage::{self, Database, batch::MessageWriter},
 };
 
 /// Largest request the server decodes; larger ones get RESOURCE_EXHAUSTED.
@@ -161,6 +161,7 @@ impl Application {
             background: event_listener.into_iter().collect(),
             state: Arc::new(AppState {
                 throttle: Throttle::new(Arc::clone(&db), &config),
+                message_writer: MessageWriter::start(Arc::clone(&db)),
                 db,
                 tokens,
                 hasher,

@@ -144,8 +144,8 @@ impl MessageApi {
         };
         let message = self
             .state
-            .db
-            .insert_message(NewMessage {
+            .message_writer
+            .insert(NewMessage {
                 sender_id: me,
                 recipient_id: recipient.id,
                 content,

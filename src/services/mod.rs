@@ -27,7 +27,7 @@ use crate::{
     domain::Timestamp,
     error::AppError,
     events::{EventHub, HubEvent},
-    storage::{Database, UserRecord},
+    storage::{Database, UserRecord, batch::MessageWriter},
 };
 
 /// Everything the handlers share, built once at startup.
@@ -39,6 +39,8 @@ pub struct AppState {
     pub events: Arc<EventHub>,
     /// Live sessions recently read, shared with `events` for invalidation.
     pub sessions: Arc<SessionCache>,
+    /// Group commit for SendMessage.
+    pub message_writer: MessageWriter,
     pub config: Config,
     /// Turns true when the server begins to shut down; open streams end.
     pub shutdown: watch::Receiver<bool>,

@@ -6,6 +6,7 @@
 //! All times are microseconds since the Unix epoch (`i64`). Multi-step writes
 //! are one method and one transaction.
 
+pub mod batch;
 #[macro_use]
 mod sql;
 mod postgres;
@@ -304,6 +305,7 @@ pub struct MessageRecord {
     pub read_at: Option<i64>,
 }
 
+#[derive(Debug, Clone)]
 pub struct NewMessage {
     pub sender_id: i64,
     pub recipient_id: i64,
@@ -349,6 +351,9 @@ pub trait MessageRepository: Send + Sync {
     /// Stores the message and updates both participants' conversation rows,
     /// in one transaction.
     async fn insert_message(&self, message: NewMessage) -> Result<MessageRecord>;
+
+    /// Stores several messages in one transaction (group commit): all or none.
+    async fn insert_messages(&self, messages: Vec<NewMessage>) -> Result<Vec<MessageRecord>>;
 
     async fn find_message(&self, message_id: i64) -> Result<Option<MessageRecord>>;
 

@@ -486,35 +486,58 @@ macro_rules! impl_repositories {
                 &self,
                 message: $crate::storage::NewMessage,
             ) -> $crate::storage::Result<$crate::storage::MessageRecord> {
-                let low = message.sender_id.min(message.recipient_id);
-                let high = message.sender_id.max(message.recipient_id);
+                let mut stored = self.insert_messages(vec![message]).await?;
+                stored.pop().ok_or($crate::storage::StorageError::NotFound("message"))
+            }
+
+            async fn insert_messages(
+                &self,
+                messages: Vec<$crate::storage::NewMessage>,
+            ) -> $crate::storage::Result<Vec<$crate::storage::MessageRecord>> {
                 let mut tx = self.begin_write().await?;
-                let stored: $crate::storage::MessageRecord = sqlx::query_as(
-                    "INSERT INTO messages (sender_id, recipient_id, content, is_read, parent_id, \
-                     conversation_id, created_at, user_low, user_high) \
-                     VALUES ($1, $2, $3, FALSE, $4, $5, $6, $7, $8) RETURNING *",
-                )
-                .bind(message.sender_id) // $1
-                .bind(message.recipient_id) // $2
-                .bind(&message.content) // $3
-                .bind(message.parent_id) // $4
-                .bind(&message.conversation_id) // $5
-                .bind(message.now) // $6
-                .bind(low) // $7
-                .bind(high) // $8
-                .fetch_one(&mut *tx)
-                .await?;
-                // Rows are locked in ascending user order, the same in every
-                // transaction, so concurrent sends in both directions of one
-                // pair cannot deadlock on PostgreSQL.
-                let (sender, recipient) = (stored.sender_id, stored.recipient_id);
-                let mut members = vec![(recipient, sender, 1)];
-                if sender != recipient {
-                    members.push((sender, recipient, 0));
+                let mut stored = Vec::with_capacity(messages.len());
+                for message in &messages {
+                    let record: $crate::storage::MessageRecord = sqlx::query_as(
+                        "INSERT INTO messages (sender_id, recipient_id, content, is_read, parent_id, \
+                         conversation_id, created_at, user_low, user_high) \
+                         VALUES ($1, $2, $3, FALSE, $4, $5, $6, $7, $8) RETURNING *",
+                    )
+                    .bind(message.sender_id) // $1
+                    .bind(message.recipient_id) // $2
+                    .bind(&message.content) // $3
+                    .bind(message.parent_id) // $4
+                    .bind(&message.conversation_id) // $5
+                    .bind(message.now) // $6
+                    .bind(message.sender_id.min(message.recipient_id)) // $7
+                    .bind(message.sender_id.max(message.recipient_id)) // $8
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    stored.push(record);
                 }
-                members.sort_unstable();
-                for (user_id, other_user_id, unread) in members {
-                    upsert_conversation_member(&mut tx, user_id, other_user_id, &stored, unread).await?;
+                // One upsert per participant row: the newest message and the
+                // unread messages it gained. Rows are locked in key order, the
+                // same in every transaction, so concurrent writers of one
+                // conversation cannot deadlock on PostgreSQL.
+                let mut members: std::collections::BTreeMap<(i64, i64, &str), (&$crate::storage::MessageRecord, i64)> =
+                    std::collections::BTreeMap::new();
+                for record in &stored {
+                    let (sender, recipient) = (record.sender_id, record.recipient_id);
+                    let mut views = vec![(recipient, sender, 1)];
+                    if sender != recipient {
+                        views.push((sender, recipient, 0));
+                    }
+                    for (user_id, other_user_id, unread) in views {
+                        let entry = members
+                            .entry((user_id, other_user_id, record.conversation_id.as_str()))
+                            .or_insert((record, 0));
+                        if (record.created_at, record.id) > (entry.0.created_at, entry.0.id) {
+                            entry.0 = record;
+                        }
+                        entry.1 += unread;
+                    }
+                }
+                for ((user_id, other_user_id, _), (newest, unread)) in members {
+                    upsert_conversation_member(&mut tx, user_id, other_user_id, newest, unread).await?;
                 }
                 tx.commit().await?;
                 Ok(stored)

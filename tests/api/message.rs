@@ -29,6 +29,7 @@ backend_tests!(
     server_shutdown_ends_streams_cleanly,
     two_instances_share_stream_events_and_revocations,
     a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back,
+    a_failing_message_in_a_group_commit_fails_alone,
 );
 
 async fn send(
@@ -1045,5 +1046,47 @@ async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back
     assert_eq!(ending.code(), Code::ResourceExhausted, "{ending:?}");
     assert!(ending.message().contains("behind"), "{}", ending.message());
     assert!(delivered < total);
+    app.stop().await;
+}
+
+async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
+    use ai_message::storage::{NewMessage, batch::MessageWriter};
+    let app = spawn_app(backend).await;
+    let ann = app.register("ann").await;
+    let bob = app.register("bob").await;
+    let message = |recipient_id: i64, content: &str| NewMessage {
+        sender_id: ann.id,
+        recipient_id,
+        content: content.into(),
+        parent_id: None,
+        conversation_id: "c".into(),
+        now: ai_message::domain::Timestamp::now().micros(),
+    };
+    // One transaction: a message to a user who does not exist fails it whole.
+    let together = app
+        .state
+        .db
+        .insert_messages(vec![message(bob.id, "fine"), message(987_654, "orphan")])
+        .await;
+    assert!(together.is_err());
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id)
+            .await,
+        0,
+        "all or nothing"
+    );
+    // Through the writer, queued together, only the bad one fails.
+    let writer = MessageWriter::start(std::sync::Arc::clone(&app.state.db));
+    let (good, bad) = tokio::join!(
+        writer.insert(message(bob.id, "fine")),
+        writer.insert(message(987_654, "orphan"))
+    );
+    assert_eq!(good.unwrap().content, "fine");
+    assert!(bad.is_err());
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id)
+            .await,
+        1
+    );
     app.stop().await;
 }
