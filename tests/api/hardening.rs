@@ -662,7 +662,9 @@ async fn unknown_users_and_wrong_passwords_take_the_same_time(backend: Backend) 
     let (unknown, wrong, empty) = (median(unknown), median(wrong), median(empty));
     let close = |a: Duration, b: Duration| {
         let (low, high) = if a < b { (a, b) } else { (b, a) };
-        high - low < high / 3 + Duration::from_millis(3)
+        // Generous for a loaded CI machine; a skipped verification (about
+        // 20 ms at cost 8) is still far outside it.
+        high - low < high * 6 / 10
     };
     assert!(
         close(unknown, wrong),
