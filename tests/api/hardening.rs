@@ -514,17 +514,10 @@ async fn a_database_failure_reaches_the_client_without_driver_text(backend: Back
     app.stop().await;
 }
 
-async fn concurrent_get_me(app: &TestApp, token: &str, calls: usize) -> (usize, usize) {
-    let tasks: Vec<_> = (0..calls)
-        .map(|_| {
-            let mut auth = app.auth.clone();
-            let token = token.to_owned();
-            tokio::spawn(async move {
-                auth.get_me(with_bearer(proto::GetMeRequest {}, &token))
-                    .await
-            })
-        })
-        .collect();
+/// Counts successes and RESOURCE_EXHAUSTED answers; anything else fails the test.
+async fn tally<T: std::fmt::Debug>(
+    tasks: Vec<tokio::task::JoinHandle<Result<T, Status>>>,
+) -> (usize, usize) {
     let (mut ok, mut shed) = (0, 0);
     for task in tasks {
         match task.await.unwrap() {
@@ -534,6 +527,20 @@ async fn concurrent_get_me(app: &TestApp, token: &str, calls: usize) -> (usize, 
         }
     }
     (ok, shed)
+}
+
+async fn concurrent_get_me(app: &TestApp, token: &str, calls: usize) -> (usize, usize) {
+    let tasks = (0..calls)
+        .map(|_| {
+            let mut auth = app.auth.clone();
+            let token = token.to_owned();
+            tokio::spawn(async move {
+                auth.get_me(with_bearer(proto::GetMeRequest {}, &token))
+                    .await
+            })
+        })
+        .collect();
+    tally(tasks).await
 }
 
 async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot(
@@ -576,7 +583,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no
 }
 
 async fn parallel_logins(app: &TestApp, calls: usize) -> (usize, usize) {
-    let tasks: Vec<_> = (0..calls)
+    let tasks = (0..calls)
         .map(|_| {
             let mut auth = app.auth.clone();
             tokio::spawn(async move {
@@ -589,15 +596,7 @@ async fn parallel_logins(app: &TestApp, calls: usize) -> (usize, usize) {
             })
         })
         .collect();
-    let (mut ok, mut shed) = (0, 0);
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(_) => ok += 1,
-            Err(status) if status.code() == Code::ResourceExhausted => shed += 1,
-            Err(other) => panic!("unexpected {other:?}"),
-        }
-    }
-    (ok, shed)
+    tally(tasks).await
 }
 
 async fn password_hashing_beyond_the_pending_limit_is_shed_and_below_it_waits(backend: Backend) {

@@ -119,6 +119,11 @@ impl Drop for PostgresDatabase {
     }
 }
 
+enum RawConnection {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
 pub struct TestApp {
     pub backend: Backend,
     pub port: u16,
@@ -284,21 +289,33 @@ impl TestApp {
         }
     }
 
-    /// Runs one statement (with `$1` bound to `id`) directly on the database.
-    pub async fn execute(&self, sql: &str, id: i64) {
-        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    /// A direct connection to this test's database, behind the server's back.
+    async fn raw_connection(&self) -> RawConnection {
         match self.backend {
             Backend::Sqlite => {
                 let path = self.database_url.trim_start_matches("sqlite:///");
-                let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+                RawConnection::Sqlite(
+                    sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+                        .await
+                        .unwrap(),
+                )
+            }
+            Backend::Postgres => RawConnection::Postgres(
+                sqlx::PgConnection::connect(&self.database_url)
                     .await
-                    .unwrap();
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// Runs one statement (with `$1` bound to `id`) directly on the database.
+    pub async fn execute(&self, sql: &str, id: i64) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.raw_connection().await {
+            RawConnection::Sqlite(mut conn) => {
                 sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
             }
-            Backend::Postgres => {
-                let mut conn = sqlx::PgConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
+            RawConnection::Postgres(mut conn) => {
                 sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
             }
         }
@@ -307,28 +324,17 @@ impl TestApp {
     /// Runs one `SELECT COUNT(*) ...` (with `$1` bound to `id`) directly on the database.
     pub async fn count(&self, sql: &str, id: i64) -> i64 {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
-        match self.backend {
-            Backend::Sqlite => {
-                let path = self.database_url.trim_start_matches("sqlite:///");
-                let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
-                    .await
-                    .unwrap();
-                sqlx::query_scalar(sql)
-                    .bind(id)
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap()
-            }
-            Backend::Postgres => {
-                let mut conn = sqlx::PgConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar(sql)
-                    .bind(id)
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap()
-            }
+        match self.raw_connection().await {
+            RawConnection::Sqlite(mut conn) => sqlx::query_scalar(sql)
+                .bind(id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap(),
+            RawConnection::Postgres(mut conn) => sqlx::query_scalar(sql)
+                .bind(id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap(),
         }
     }
 
