@@ -106,8 +106,9 @@ impl AuthApi {
                 false
             }
         };
+        let user_id = user.as_ref().map(|user| user.id);
         let Some(user) = user.filter(|_| password_matches) else {
-            tracing::info!(target: "audit", peer = ?address, "login failed");
+            tracing::info!(target: "audit", user_id = ?user_id, peer = ?address, "login failed");
             return Err(AppError::Unauthenticated(LOGIN_FAILED));
         };
         throttle
@@ -152,7 +153,11 @@ impl AuthApi {
         })
     }
 
-    async fn refresh(&self, presented: &str) -> Result<proto::RefreshTokenResponse, AppError> {
+    async fn refresh(
+        &self,
+        presented: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<proto::RefreshTokenResponse, AppError> {
         let presented_hash = RefreshToken::hash_presented(presented)
             .ok_or(AppError::Unauthenticated(REFRESH_FAILED))?;
         let now = Timestamp::now();
@@ -180,6 +185,7 @@ impl AuthApi {
                     target: "audit",
                     user_id,
                     session_id,
+                    peer = ?peer,
                     "spent refresh token presented again; session revoked"
                 );
                 self.state.user_changed(user_id).await;
@@ -266,7 +272,7 @@ impl AuthApi {
             .verify(&body.current_password, &caller.user.password_hash)
             .await?
         {
-            tracing::info!(target: "audit", user_id = caller.user.id, session_id = caller.session_id, "password change refused: wrong current password");
+            tracing::info!(target: "audit", user_id = caller.user.id, peer = ?caller.peer, session_id = caller.session_id, "password change refused: wrong current password");
             return Err(AppError::invalid(
                 "current_password",
                 "is not the current password",
@@ -286,6 +292,7 @@ impl AuthApi {
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,
+            peer = ?caller.peer,
             session_id = caller.session_id,
             "password changed"
         );
@@ -384,8 +391,9 @@ impl AuthService for AuthApi {
         &self,
         request: Request<proto::RefreshTokenRequest>,
     ) -> Result<Response<proto::RefreshTokenResponse>, Status> {
+        let peer = client_address(&request, &self.state.config.trusted_proxies);
         Ok(Response::new(
-            self.refresh(&request.get_ref().refresh_token).await?,
+            self.refresh(&request.get_ref().refresh_token, peer).await?,
         ))
     }
 
@@ -402,6 +410,7 @@ impl AuthService for AuthApi {
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,
+            peer = ?caller.peer,
             session_id = caller.session_id,
             "logout"
         );
@@ -423,6 +432,7 @@ impl AuthService for AuthApi {
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,
+            peer = ?caller.peer,
             revoked,
             "logout from every session"
         );

@@ -59,6 +59,8 @@ pub struct Caller {
     pub session_id: i64,
     /// The session's absolute end (microseconds).
     pub session_expires_at: i64,
+    /// The client's address (see `client_address`), for audit events.
+    pub peer: Option<IpAddr>,
 }
 
 impl AppState {
@@ -90,6 +92,7 @@ impl AppState {
             roles: cached.roles,
             session_id: access.session_id,
             session_expires_at: cached.live.expires_at,
+            peer: client_address(request, &self.config.trusted_proxies),
         })
     }
 

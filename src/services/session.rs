@@ -58,7 +58,7 @@ impl SessionService for SessionApi {
         if !revoked {
             return Err(AppError::NotFound("session not found".into()).into());
         }
-        tracing::info!(target: "audit", user_id = caller.user.id, session_id, "session revoked");
+        tracing::info!(target: "audit", user_id = caller.user.id, peer = ?caller.peer, session_id, "session revoked");
         self.state.user_changed(caller.user.id).await;
         Ok(Response::new(proto::DeleteSessionResponse {}))
     }

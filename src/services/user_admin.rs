@@ -156,7 +156,7 @@ impl UserAdminService for UserAdminApi {
             body.is_superuser,
         )
         .await?;
-        tracing::info!(target: "audit", actor = caller.user.id, user_id = user.id, is_superuser = user.is_superuser, "user created");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = user.id, is_superuser = user.is_superuser, "user created");
         Ok(Response::new(proto::CreateUserResponse {
             user: Some(user_to_proto(&user, Vec::new())),
         }))
@@ -174,7 +174,7 @@ impl UserAdminService for UserAdminApi {
             .delete_user(user_id)
             .await
             .map_err(AppError::from)?;
-        tracing::info!(target: "audit", actor = caller.user.id, user_id, "user deleted");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user deleted");
         self.state.user_changed(user_id).await;
         Ok(Response::new(proto::DeleteUserResponse {}))
     }
@@ -192,7 +192,7 @@ impl UserAdminService for UserAdminApi {
             .set_user_active(user_id, false, Timestamp::now().micros())
             .await
             .map_err(AppError::from)?;
-        tracing::info!(target: "audit", actor = caller.user.id, user_id, "user disabled; sessions revoked");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user disabled; sessions revoked");
         self.state.user_changed(user_id).await;
         Ok(Response::new(proto::DisableUserResponse {
             user: self.user_response(&user).await?,
@@ -211,7 +211,7 @@ impl UserAdminService for UserAdminApi {
             .set_user_active(user_id, true, Timestamp::now().micros())
             .await
             .map_err(AppError::from)?;
-        tracing::info!(target: "audit", actor = caller.user.id, user_id, "user enabled");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user enabled");
         self.state.user_changed(user_id).await;
         Ok(Response::new(proto::EnableUserResponse {
             user: self.user_response(&user).await?,
@@ -236,7 +236,7 @@ impl UserAdminService for UserAdminApi {
             .set_superuser(user_id, is_superuser, Timestamp::now().micros())
             .await
             .map_err(AppError::from)?;
-        tracing::info!(target: "audit", actor = caller.user.id, user_id, is_superuser, "superuser flag set");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, is_superuser, "superuser flag set");
         self.state.user_changed(user_id).await;
         Ok(Response::new(proto::SetSuperuserResponse {
             user: self.user_response(&user).await?,
@@ -255,7 +255,7 @@ impl UserAdminService for UserAdminApi {
             .set_user_roles(body.user_id, &body.role_ids)
             .await
             .map_err(AppError::from)?;
-        tracing::info!(target: "audit", actor = caller.user.id, user_id = body.user_id, role_ids = ?body.role_ids, "user roles replaced");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = body.user_id, role_ids = ?body.role_ids, "user roles replaced");
         self.state.user_changed(body.user_id).await;
         Ok(Response::new(proto::SetUserRolesResponse {
             roles: roles.into_iter().map(role_to_proto).collect(),
@@ -315,7 +315,7 @@ impl UserAdminService for UserAdminApi {
             )
             .await
             .map_err(AppError::from)?;
-        tracing::info!(target: "audit", actor = caller.user.id, role_id = role.id, "role created");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, role_id = role.id, "role created");
         Ok(Response::new(proto::CreateRoleResponse {
             role: Some(role_to_proto(role)),
         }))
@@ -332,7 +332,7 @@ impl UserAdminService for UserAdminApi {
             .delete_role(role_id)
             .await
             .map_err(AppError::from)?;
-        tracing::info!(target: "audit", actor = caller.user.id, role_id, "role deleted");
+        tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, role_id, "role deleted");
         self.state.all_users_changed().await;
         Ok(Response::new(proto::DeleteRoleResponse {}))
     }

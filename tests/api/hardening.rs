@@ -461,6 +461,20 @@ async fn audit_events_are_logged_without_passwords_or_tokens(backend: Backend) {
     assert!(audit.iter().any(|line| line.contains("login succeeded")
         && line.contains("peer=")
         && line.contains("session_id=")));
+    for event in [
+        "logout",
+        "password changed",
+        "spent refresh token",
+        "user disabled",
+        "login failed",
+    ] {
+        assert!(
+            audit
+                .iter()
+                .any(|line| line.contains(event) && line.contains("peer=Some(127.0.0.1)")),
+            "{event:?} without the peer address"
+        );
+    }
     for secret in [
         PASSWORD,
         "a wrong password",
