@@ -91,7 +91,7 @@ impl AuthApi {
             .reserve(Some(&account_key), address.as_deref())
             .await?
         {
-            tracing::info!(target: "audit", peer = ?address, "login throttled");
+            tracing::info!(target: "audit", peer = ?ip_address, "login throttled");
             return Err(AppError::ResourceExhausted(THROTTLED));
         }
         let hasher = &self.state.hasher;
@@ -108,14 +108,14 @@ impl AuthApi {
         };
         let user_id = user.as_ref().map(|user| user.id);
         let Some(user) = user.filter(|_| password_matches) else {
-            tracing::info!(target: "audit", user_id = ?user_id, peer = ?address, "login failed");
+            tracing::info!(target: "audit", user_id = ?user_id, peer = ?ip_address, "login failed");
             return Err(AppError::Unauthenticated(LOGIN_FAILED));
         };
         throttle
             .succeeded(Some(&account_key), address.as_deref())
             .await?;
         if !user.is_active {
-            tracing::info!(target: "audit", user_id = user.id, peer = ?address, "login refused: account disabled");
+            tracing::info!(target: "audit", user_id = user.id, peer = ?ip_address, "login refused: account disabled");
             return Err(AppError::PermissionDenied("this account is disabled"));
         }
 
@@ -140,7 +140,7 @@ impl AuthApi {
             target: "audit",
             user_id = user.id,
             session_id = session.id,
-            peer = ?address,
+            peer = ?ip_address,
             "login succeeded"
         );
         Ok(proto::LoginResponse {
@@ -347,8 +347,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterResponse>, Status> {
-        let address =
-            client_address(&request, &self.state.config.trusted_proxies).map(|ip| ip.to_string());
+        let peer = client_address(&request, &self.state.config.trusted_proxies);
+        let address = peer.map(|ip| ip.to_string());
         let throttle = &self.state.throttle;
         // A throttled address learns nothing, not even whether a name is taken.
         if let Some(address) = &address
@@ -374,7 +374,7 @@ impl AuthService for AuthApi {
             }
             Err(other) => return Err(other.into()),
         };
-        tracing::info!(target: "audit", user_id = user.id, peer = ?address, "user registered");
+        tracing::info!(target: "audit", user_id = user.id, peer = ?peer, "user registered");
         Ok(Response::new(proto::RegisterResponse {
             user: Some(user_to_proto(&user, Vec::new())),
         }))
