@@ -262,3 +262,23 @@ async fn tls_is_served_when_certificate_and_key_exist() {
     assert_eq!(status, ServingStatus::Serving as i32);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_can_be_turned_off() {
+    let app =
+        crate::helpers::spawn_app_with(Backend::Sqlite, |config| config.reflection = false).await;
+    let mut reflection = ServerReflectionClient::new(app.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let answer = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await;
+    assert_eq!(
+        answer.err().map(|status| status.code()),
+        Some(Code::Unimplemented)
+    );
+    app.register("still-works").await;
+    app.stop().await;
+}
