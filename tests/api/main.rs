@@ -12,6 +12,7 @@ mod fuzz;
 mod hardening;
 mod logs;
 mod message;
+mod outage;
 mod platform;
 mod session;
 mod user_admin;
