@@ -205,24 +205,15 @@ impl NewAccount {
             Some(name) => violations.check(FullName::parse(name)).map(Some),
             None => Some(None),
         };
-        violations.into_result()?;
-        match (
-            parsed_username,
-            parsed_email,
-            parsed_password,
-            parsed_full_name,
-        ) {
-            (Some(username), Some(email), Some(password), Some(full_name)) => Ok(Self {
-                username,
-                email,
-                password,
-                full_name,
-            }),
-            // Unreachable: a missing value always leaves a violation behind.
-            _ => Err(crate::error::AppError::internal(anyhow::anyhow!(
-                "account fields failed without a violation"
-            ))),
-        }
+        let account = (|| {
+            Some(Self {
+                username: parsed_username?,
+                email: parsed_email?,
+                password: parsed_password?,
+                full_name: parsed_full_name?,
+            })
+        })();
+        violations.finish(account)
     }
 }
 

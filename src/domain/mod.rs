@@ -44,6 +44,15 @@ impl Violations {
         self.0.push(violation);
     }
 
+    /// Ends the collection: every violation recorded, or else `value` (which
+    /// is present whenever nothing was recorded).
+    pub fn finish<T>(self, value: Option<T>) -> Result<T, crate::error::AppError> {
+        self.into_result()?;
+        value.ok_or_else(|| {
+            crate::error::AppError::internal(anyhow::anyhow!("a field failed without a violation"))
+        })
+    }
+
     pub fn into_result(self) -> Result<(), crate::error::AppError> {
         if self.0.is_empty() {
             Ok(())

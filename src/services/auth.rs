@@ -257,10 +257,7 @@ impl AuthApi {
             &caller.user.username,
             &caller.user.email,
         ));
-        violations.into_result()?;
-        let Some(new_password) = new_password else {
-            return Err(AppError::invalid("new_password", "is missing"));
-        };
+        let new_password = violations.finish(new_password)?;
         // A wrong current password counts toward the account's throttle.
         let account_key = format!("user:{}", caller.user.id);
         let throttle = &self.state.throttle;

@@ -16,7 +16,7 @@ use crate::{
         message::{
             MAX_MARK_READ_IDS, default_conversation_id, parse_content, parse_conversation_id,
         },
-        paging::{DEFAULT_PAGE_SIZE, PageScope, page_size},
+        paging::{PageScope, page_size},
     },
     error::AppError,
     events::{HubEvent, MessageChange},
@@ -99,8 +99,7 @@ impl MessageApi {
             .conversation_id
             .as_deref()
             .and_then(|id| violations.check(parse_conversation_id(id)));
-        violations.into_result()?;
-        let content = content.unwrap_or_default();
+        let content = violations.finish(content)?;
 
         let recipient = self
             .state
@@ -188,8 +187,7 @@ impl MessageApi {
             filters: &[&with_user, &conversation_filter, unread],
         };
         let cursor = violations.check(scope.decode(&body.page_token, 2));
-        violations.into_result()?;
-        let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        let limit = violations.finish(limit)?;
         let filter = MessageFilter {
             with_user_id: body.with_user_id,
             conversation_id,
@@ -222,8 +220,7 @@ impl MessageApi {
             filters: &[],
         };
         let cursor = violations.check(scope.decode(&body.page_token, 2));
-        violations.into_result()?;
-        let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        let limit = violations.finish(limit)?;
         let conversations = self
             .state
             .db

@@ -69,8 +69,7 @@ impl UserAdminApi {
             filters: &[&body.query],
         };
         let cursor = violations.check(scope.decode(&body.page_token, 1));
-        violations.into_result()?;
-        let limit = limit.unwrap_or(domain::paging::DEFAULT_PAGE_SIZE);
+        let limit = violations.finish(limit)?;
         let after_id = cursor.flatten().map_or(0, |cursor| cursor[0]);
 
         let db = &self.state.db;
@@ -301,10 +300,7 @@ impl UserAdminService for UserAdminApi {
             .description
             .as_deref()
             .and_then(|text| violations.check(parse_role_description(text)));
-        violations.into_result()?;
-        let Some(name) = name else {
-            return Err(AppError::invalid("name", "is missing").into());
-        };
+        let name = violations.finish(name)?;
         let role = self
             .state
             .db
