@@ -34,7 +34,7 @@ pub struct CachedSession {
 }
 
 impl CachedSession {
-    /// An entry for one call, not stored.
+    /// An entry just read from the database.
     pub fn fresh(live: LiveSession, roles: Vec<String>) -> Self {
         Self {
             live,
@@ -72,7 +72,7 @@ impl SessionCache {
 
     /// Stores what was read, unless something was invalidated since
     /// `generation` was taken (the read may predate the change).
-    pub fn insert(&self, session_id: i64, live: LiveSession, roles: Vec<String>, generation: u64) {
+    pub fn insert(&self, session_id: i64, entry: CachedSession, generation: u64) {
         let mut entries = self.lock();
         if self.generation() != generation {
             return;
@@ -80,14 +80,7 @@ impl SessionCache {
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
         }
-        entries.insert(
-            session_id,
-            CachedSession {
-                live,
-                roles,
-                loaded_at: Instant::now(),
-            },
-        );
+        entries.insert(session_id, entry);
     }
 
     /// Records a `last_used_at` just written for the session.
@@ -139,7 +132,7 @@ mod tests {
     #[test]
     fn entries_are_served_only_for_their_user_and_before_expiry() {
         let cache = SessionCache::default();
-        cache.insert(7, live(1), vec![], cache.generation());
+        cache.insert(7, CachedSession::fresh(live(1), vec![]), cache.generation());
         assert!(cache.get(7, 1, 999).is_some());
         assert!(cache.get(7, 2, 999).is_none(), "another user's id");
         assert!(cache.get(7, 1, 1_000).is_none(), "the session has expired");
@@ -150,9 +143,9 @@ mod tests {
     fn invalidating_a_user_forgets_all_their_sessions_only() {
         let cache = SessionCache::default();
         let generation = cache.generation();
-        cache.insert(1, live(10), vec![], generation);
-        cache.insert(2, live(10), vec![], generation);
-        cache.insert(3, live(20), vec![], generation);
+        cache.insert(1, CachedSession::fresh(live(10), vec![]), generation);
+        cache.insert(2, CachedSession::fresh(live(10), vec![]), generation);
+        cache.insert(3, CachedSession::fresh(live(20), vec![]), generation);
         cache.invalidate_user(10);
         assert!(cache.get(1, 10, 0).is_none() && cache.get(2, 10, 0).is_none());
         assert!(cache.get(3, 20, 0).is_some());
@@ -165,7 +158,7 @@ mod tests {
         let cache = SessionCache::default();
         let before = cache.generation();
         cache.invalidate_user(10);
-        cache.insert(1, live(10), vec![], before);
+        cache.insert(1, CachedSession::fresh(live(10), vec![]), before);
         assert!(cache.get(1, 10, 0).is_none());
     }
 }

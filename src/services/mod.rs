@@ -112,12 +112,9 @@ impl AppState {
             return Ok(None);
         };
         let roles = self.db.role_names(user_id).await?;
-        self.sessions
-            .insert(session_id, live.clone(), roles.clone(), generation);
-        Ok(self
-            .sessions
-            .get(session_id, user_id, now)
-            .or(Some(CachedSession::fresh(live, roles))))
+        let entry = CachedSession::fresh(live, roles);
+        self.sessions.insert(session_id, entry.clone(), generation);
+        Ok(Some(entry))
     }
 
     /// Records use of a session in the background: the call does not wait
