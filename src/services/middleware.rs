@@ -13,6 +13,13 @@ use http::{HeaderMap, HeaderValue};
 use tonic::Code;
 use tower::{Layer, Service};
 
+/// The service that was polled ready serves the call; a fresh clone stays
+/// behind for the next one (the tower idiom for services moved into futures).
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
 #[derive(Clone, Copy, Default)]
 pub struct CallLogLayer;
 
@@ -46,9 +53,7 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = request.uri().path().to_owned();
         let started = Instant::now();
-        // The clone that was polled ready serves this call; keep a fresh one.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         Box::pin(async move {
             let mut response = inner.call(request).await?;
             let code = correct_status(response.headers_mut());
@@ -210,8 +215,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         if holds_no_slot(request.uri().path()) {
             return Box::pin(inner.call(request));
         }
