@@ -52,6 +52,14 @@ fn start() -> Fuzzing {
 }
 
 impl Fuzzing {
+    fn assert_still_serving(&self) {
+        assert_eq!(
+            self.call("/aimessage.v1.AuthService/GetMe", Vec::new()),
+            Code::Ok,
+            "still serving"
+        );
+    }
+
     /// Sends `body` to `path` with the fuzzer's token; returns the status code.
     fn call(&self, path: &str, body: Vec<u8>) -> Code {
         self.runtime.block_on(async {
@@ -110,11 +118,7 @@ fn arbitrary_bytes_to_every_rpc_never_answer_internal_or_unknown() {
             Ok(())
         })
         .unwrap();
-    assert_eq!(
-        fuzzing.call("/aimessage.v1.AuthService/GetMe", Vec::new()),
-        Code::Ok,
-        "still serving"
-    );
+    fuzzing.assert_still_serving();
 }
 
 /// Any string, biased toward the characters validation cares about.
@@ -276,9 +280,5 @@ fn arbitrary_well_formed_requests_never_answer_internal_or_unknown() {
             Ok(())
         })
         .unwrap();
-    assert_eq!(
-        fuzzing.call("/aimessage.v1.AuthService/GetMe", Vec::new()),
-        Code::Ok,
-        "still serving"
-    );
+    fuzzing.assert_still_serving();
 }

@@ -298,6 +298,20 @@ async fn list_users(
         .map(tonic::Response::into_inner)
 }
 
+/// ListUsers' first page for `query`, which must succeed.
+async fn search_users(app: &TestApp, token: &str, query: &str) -> proto::ListUsersResponse {
+    list_users(
+        app,
+        token,
+        proto::ListUsersRequest {
+            query: query.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 async fn list_users_pages_through_every_user_once(backend: Backend) {
     let app = spawn_app(backend).await;
     let root = app.superuser("root").await;
@@ -348,52 +362,16 @@ async fn list_users_filters_by_substring_case_insensitively(backend: Backend) {
             .map(|u| u.username.clone())
             .collect::<Vec<_>>()
     };
-    let page = list_users(
-        &app,
-        &root.access_token,
-        proto::ListUsersRequest {
-            query: "ANN".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let page = search_users(&app, &root.access_token, "ANN").await;
     assert_eq!(names(&page), ["Anna", "hannah"]);
     assert_eq!(page.total_size, 2);
     // Matches in the email too ("...@example.com").
-    let page = list_users(
-        &app,
-        &root.access_token,
-        proto::ListUsersRequest {
-            query: "EXAMPLE".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let page = search_users(&app, &root.access_token, "EXAMPLE").await;
     assert_eq!(page.total_size, 6);
     // `_` and `%` are literal characters, not wildcards.
-    let page = list_users(
-        &app,
-        &root.access_token,
-        proto::ListUsersRequest {
-            query: "r_s".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let page = search_users(&app, &root.access_token, "r_s").await;
     assert_eq!(names(&page), ["under_score"]);
-    let page = list_users(
-        &app,
-        &root.access_token,
-        proto::ListUsersRequest {
-            query: "%".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let page = search_users(&app, &root.access_token, "%").await;
     assert_eq!(page.total_size, 0);
     app.stop().await;
 }
