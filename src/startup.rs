@@ -167,6 +167,7 @@ impl Application {
                 hasher,
                 events,
                 sessions,
+                call_slots: LoadShedLayer::new(config.max_concurrent_calls),
                 config,
                 shutdown: stop_rx,
             }),
@@ -269,7 +270,7 @@ impl Application {
 
         let router = builder
             .layer(CallLogLayer)
-            .layer(LoadShedLayer::new(config.max_concurrent_calls))
+            .layer(state.call_slots.clone())
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)

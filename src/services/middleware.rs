@@ -157,13 +157,20 @@ mod tests {
 #[derive(Clone)]
 pub struct LoadShedLayer {
     permits: std::sync::Arc<tokio::sync::Semaphore>,
+    limit: usize,
 }
 
 impl LoadShedLayer {
     pub fn new(limit: usize) -> Self {
         Self {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
         }
+    }
+
+    /// Calls holding a slot right now.
+    pub fn in_flight(&self) -> usize {
+        self.limit - self.permits.available_permits()
     }
 }
 

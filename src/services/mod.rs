@@ -42,6 +42,8 @@ pub struct AppState {
     /// Group commit for SendMessage.
     pub message_writer: MessageWriter,
     pub config: Config,
+    /// The bound on unary calls in flight (`AI_MESSAGE_MAX_CONCURRENT_CALLS`).
+    pub call_slots: middleware::LoadShedLayer,
     /// Turns true when the server begins to shut down; open streams end.
     pub shutdown: watch::Receiver<bool>,
 }

@@ -557,6 +557,16 @@ async fn concurrent_get_me(app: &TestApp, token: &str, calls: usize) -> (usize, 
     tally(tasks).await
 }
 
+async fn wait_until(condition: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("condition met within 5 s");
+}
+
 async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot(
     backend: Backend,
 ) {
@@ -577,12 +587,45 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no
         );
     }
     assert!(app.get_me(&ivy.access_token).await.is_ok());
-    let (ok, shed) = concurrent_get_me(&app, &ivy.access_token, 300).await;
+
+    // Two profile writes stuck behind a database lock fill both slots.
+    let lock = app.hold_users_write_lock().await;
+    let mut stuck = Vec::new();
+    for n in 0..2 {
+        let mut auth = app.auth.clone();
+        let token = ivy.access_token.clone();
+        stuck.push(tokio::spawn(async move {
+            auth.update_me(with_bearer(
+                proto::UpdateMeRequest {
+                    email: None,
+                    full_name: Some(format!("Ivy {n}")),
+                    bio: None,
+                },
+                &token,
+            ))
+            .await
+        }));
+        // One at a time, so that they never race each other for a slot.
+        wait_until(|| app.state.call_slots.in_flight() == n + 1).await;
+    }
+    let started = tokio::time::Instant::now();
+    assert_code(app.get_me(&ivy.access_token).await, Code::ResourceExhausted);
+    let shed_after = started.elapsed();
     assert!(
-        shed > 0,
-        "300 parallel calls against 2 slots: some are shed"
+        shed_after < Duration::from_millis(500),
+        "shedding does not wait for a slot: {shed_after:?}"
     );
-    assert!(ok >= 2, "the admitted ones succeed");
+    lock.release().await;
+    let (ok, shed) = tally(stuck).await;
+    assert_eq!(
+        (ok, shed),
+        (2, 0),
+        "the admitted calls finish once the lock is gone"
+    );
+    assert!(
+        app.get_me(&ivy.access_token).await.is_ok(),
+        "slots are given back"
+    );
     drop(streams);
     app.stop().await;
 

@@ -124,6 +124,22 @@ enum RawConnection {
     Postgres(sqlx::PgConnection),
 }
 
+/// A write lock taken by [`TestApp::hold_users_write_lock`].
+pub struct WriteLock(RawConnection);
+
+impl WriteLock {
+    pub async fn release(self) {
+        match self.0 {
+            RawConnection::Sqlite(mut conn) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+            }
+            RawConnection::Postgres(mut conn) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+}
+
 pub struct TestApp {
     pub backend: Backend,
     pub port: u16,
@@ -336,6 +352,28 @@ impl TestApp {
                 .await
                 .unwrap(),
         }
+    }
+
+    /// Takes the database's write lock on the `users` table behind the server's
+    /// back, so that profile writes wait until the returned guard is released.
+    pub async fn hold_users_write_lock(&self) -> WriteLock {
+        let mut conn = self.raw_connection().await;
+        match &mut conn {
+            RawConnection::Sqlite(conn) => {
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(conn)
+                    .await
+                    .unwrap();
+            }
+            RawConnection::Postgres(conn) => {
+                // EXCLUSIVE blocks writers but still lets readers in, like SQLite's lock.
+                sqlx::raw_sql("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE")
+                    .execute(conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        WriteLock(conn)
     }
 
     /// A second server on this test's database, as another instance would be.
