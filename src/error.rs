@@ -72,6 +72,7 @@ impl From<StorageError> for AppError {
         match error {
             StorageError::Conflict(field) => Self::AlreadyExists(field),
             StorageError::NotFound(what) => Self::NotFound(format!("{what} not found")),
+            StorageError::Precondition(what) => Self::FailedPrecondition(what.into()),
             StorageError::Unavailable(source) => Self::Unavailable(source.into()),
             StorageError::Internal(source) => Self::Internal(source.into()),
         }

@@ -3,6 +3,9 @@
 use super::reject_nul;
 use crate::error::FieldViolation;
 
+/// Why a message to a disabled account is refused.
+pub const RECIPIENT_DISABLED: &str = "the recipient's account is disabled";
+
 pub const MAX_CONTENT_CHARS: usize = 16_384;
 pub const MAX_CONVERSATION_ID_CHARS: usize = 100;
 /// Most ids MarkRead takes in one call, duplicates counted.

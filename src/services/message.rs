@@ -14,7 +14,8 @@ use crate::{
     domain::{
         Timestamp, Violations,
         message::{
-            MAX_MARK_READ_IDS, default_conversation_id, parse_content, parse_conversation_id,
+            MAX_MARK_READ_IDS, RECIPIENT_DISABLED, default_conversation_id, parse_content,
+            parse_conversation_id,
         },
         paging::{PageScope, page_size},
     },
@@ -87,6 +88,19 @@ impl MessageApi {
             .ok_or_else(|| AppError::NotFound(MESSAGE_NOT_FOUND.into()))
     }
 
+    async fn require_recipient(&self, recipient_id: i64) -> Result<(), AppError> {
+        let recipient = self
+            .state
+            .db
+            .find_user(recipient_id)
+            .await?
+            .ok_or_else(|| AppError::NotFound("recipient not found".into()))?;
+        if !recipient.is_active {
+            return Err(AppError::FailedPrecondition(RECIPIENT_DISABLED.into()));
+        }
+        Ok(())
+    }
+
     async fn send(
         &self,
         request: Request<proto::SendMessageRequest>,
@@ -101,26 +115,19 @@ impl MessageApi {
             .and_then(|id| violations.check(parse_conversation_id(id)));
         let content = violations.finish(content)?;
 
-        let recipient = self
-            .state
-            .db
-            .find_user(body.recipient_id)
-            .await?
-            .ok_or_else(|| AppError::NotFound("recipient not found".into()))?;
-        if !recipient.is_active {
-            return Err(AppError::FailedPrecondition(
-                "the recipient's account is disabled".into(),
-            ));
-        }
         let me = caller.user.id;
+        let recipient_id = body.recipient_id;
         let conversation_id = match body.parent_id {
             Some(parent_id) => {
+                // Checked here too (the writer checks again) so that a
+                // missing recipient is reported before anything about the parent.
+                self.require_recipient(recipient_id).await?;
                 let parent = self
                     .visible_message(&caller, parent_id)
                     .await
                     .map_err(|_| AppError::NotFound("parent message not found".into()))?;
                 let pair = |a: i64, b: i64| (a.min(b), a.max(b));
-                if pair(parent.sender_id, parent.recipient_id) != pair(me, recipient.id) {
+                if pair(parent.sender_id, parent.recipient_id) != pair(me, recipient_id) {
                     return Err(AppError::invalid(
                         "parent_id",
                         "belongs to a conversation with another user",
@@ -138,15 +145,17 @@ impl MessageApi {
                 parent.conversation_id
             }
             None => {
-                explicit_conversation.unwrap_or_else(|| default_conversation_id(me, recipient.id))
+                explicit_conversation.unwrap_or_else(|| default_conversation_id(me, recipient_id))
             }
         };
+        // The writer stores the message only if the recipient exists and is
+        // active, in the same transaction.
         let message = self
             .state
             .message_writer
             .insert(NewMessage {
                 sender_id: me,
-                recipient_id: recipient.id,
+                recipient_id,
                 content,
                 parent_id: body.parent_id,
                 conversation_id,

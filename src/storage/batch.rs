@@ -51,9 +51,9 @@ async fn write_batches(db: Arc<dyn Database>, mut pending: mpsc::Receiver<Pendin
             batch.drain(..).map(|p| (p.message, p.reply)).unzip();
         let alone = messages.clone();
         match db.insert_messages(messages).await {
-            Ok(stored) => {
-                for (reply, record) in replies.into_iter().zip(stored) {
-                    let _ = reply.send(Ok(record));
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
                 }
             }
             Err(error) if replies.len() == 1 => {

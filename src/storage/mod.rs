@@ -7,6 +7,7 @@
 //! are one method and one transaction.
 
 pub mod batch;
+pub mod page_cache;
 #[macro_use]
 mod sql;
 mod postgres;
@@ -29,6 +30,9 @@ pub enum StorageError {
     /// The row to change does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The rows are not in the state the change needs; says which.
+    #[error("{0}")]
+    Precondition(&'static str),
     /// The database cannot be reached (or is busy beyond its timeout).
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
@@ -349,11 +353,17 @@ pub struct ConversationRecord {
 #[async_trait]
 pub trait MessageRepository: Send + Sync {
     /// Stores the message and updates both participants' conversation rows,
-    /// in one transaction.
+    /// in one transaction. Fails with `NotFound("recipient")` or a
+    /// `Precondition` when the recipient is missing or disabled.
     async fn insert_message(&self, message: NewMessage) -> Result<MessageRecord>;
 
-    /// Stores several messages in one transaction (group commit): all or none.
-    async fn insert_messages(&self, messages: Vec<NewMessage>) -> Result<Vec<MessageRecord>>;
+    /// Stores several messages in one transaction (group commit), answering
+    /// for each in order. A message whose recipient is missing or disabled is
+    /// refused alone; any other failure fails the whole transaction.
+    async fn insert_messages(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Result<MessageRecord>>>;
 
     async fn find_message(&self, message_id: i64) -> Result<Option<MessageRecord>>;
 

@@ -40,6 +40,11 @@ impl PostgresStore {
         &self.pool
     }
 
+    /// Other instances write to the same database: lists are always read fresh.
+    fn page_cache(&self) -> Option<&super::page_cache::PageCache> {
+        None
+    }
+
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin().await
     }

@@ -2,7 +2,8 @@
 //! placeholders, `RETURNING`, `TRUE`/`FALSE` and expression indexes, and both
 //! store times as integer microseconds, so one text serves both. The macro
 //! expands it into each backend's impl; each backend supplies `reader()`,
-//! `writer()` and `begin_write()` (SQLite takes its write lock up front there).
+//! `writer()` and `begin_write()` (SQLite takes its write lock up front there),
+//! and `page_cache()` (SQLite's first pages of ListMessages, or `None`).
 
 /// `SELECT` list of a user, for queries that join.
 macro_rules! user_columns {
@@ -34,6 +35,70 @@ macro_rules! user_columns {
 
 macro_rules! impl_repositories {
     ($store:ty, $db:ty) => {
+        /// One page of the user's messages, newest first, straight from the database.
+        async fn query_messages(
+            pool: &sqlx::Pool<$db>,
+            user_id: i64,
+            filter: &$crate::storage::MessageFilter,
+            before: $crate::storage::Before,
+            limit: i64,
+        ) -> $crate::storage::Result<Vec<$crate::storage::MessageRecord>> {
+            // Each branch is one range scan of one index, newest first:
+            // (user_low, user_high[, conversation_id], created_at, id) for a
+            // pair, the partial unread index, or sender and recipient
+            // indexes merged.
+            let conversation = |query: &mut sqlx::QueryBuilder<$db>| {
+                if let Some(conversation_id) = &filter.conversation_id {
+                    query.push(" AND conversation_id = ").push_bind(conversation_id.clone());
+                }
+            };
+            let mut query = sqlx::QueryBuilder::<$db>::new("");
+            match (filter.with_user_id, filter.unread_only) {
+                (Some(other), unread_only) => {
+                    query
+                        .push("SELECT * FROM messages WHERE user_low = ")
+                        .push_bind(user_id.min(other))
+                        .push(" AND user_high = ")
+                        .push_bind(user_id.max(other));
+                    conversation(&mut query);
+                    if unread_only {
+                        query
+                            .push(" AND recipient_id = ")
+                            .push_bind(user_id)
+                            .push(" AND is_read = FALSE");
+                    }
+                    push_page(&mut query, before, limit);
+                }
+                (None, true) => {
+                    query
+                        .push("SELECT * FROM messages WHERE recipient_id = ")
+                        .push_bind(user_id)
+                        .push(" AND is_read = FALSE");
+                    conversation(&mut query);
+                    push_page(&mut query, before, limit);
+                }
+                (None, false) => {
+                    query
+                        .push("SELECT * FROM (SELECT * FROM messages WHERE sender_id = ")
+                        .push_bind(user_id);
+                    conversation(&mut query);
+                    push_page(&mut query, before, limit);
+                    // A note to oneself is in both branches: keep it in the first.
+                    query
+                        .push(") AS sent UNION ALL SELECT * FROM (SELECT * FROM messages WHERE recipient_id = ")
+                        .push_bind(user_id)
+                        .push(" AND sender_id <> ")
+                        .push_bind(user_id);
+                    conversation(&mut query);
+                    push_page(&mut query, before, limit);
+                    query
+                        .push(") AS received ORDER BY created_at DESC, id DESC LIMIT ")
+                        .push_bind(limit);
+                }
+            }
+            Ok(query.build_query_as().fetch_all(pool).await?)
+        }
+
         /// Fails with `NotFound("user")` unless the user exists.
         async fn require_user(
             conn: &mut <$db as sqlx::Database>::Connection,
@@ -279,6 +344,10 @@ macro_rules! impl_repositories {
                     return Err($crate::storage::StorageError::NotFound("user"));
                 }
                 tx.commit().await?;
+                // Their messages left other users' pages too.
+                if let Some(pages) = self.page_cache() {
+                    pages.clear();
+                }
                 Ok(())
             }
 
@@ -450,35 +519,16 @@ macro_rules! impl_repositories {
 
         /// Adds `unread` to one participant's conversation row, creating it, and
         /// makes `message` its last message unless a newer one is already there.
-        async fn upsert_conversation_member(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            user_id: i64,
-            other_user_id: i64,
-            message: &$crate::storage::MessageRecord,
-            unread: i64,
-        ) -> $crate::storage::Result<()> {
-            sqlx::query(
-                "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
-                 last_message_id, last_created_at, unread_count) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (user_id, other_user_id, conversation_id) DO UPDATE SET \
-                 last_message_id = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
-                 > (conversation_members.last_created_at, conversation_members.last_message_id) \
-                 THEN excluded.last_message_id ELSE conversation_members.last_message_id END, \
-                 last_created_at = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
-                 > (conversation_members.last_created_at, conversation_members.last_message_id) \
-                 THEN excluded.last_created_at ELSE conversation_members.last_created_at END, \
-                 unread_count = conversation_members.unread_count + excluded.unread_count",
-            )
-            .bind(user_id) // $1
-            .bind(other_user_id) // $2
-            .bind(&message.conversation_id) // $3
-            .bind(message.id) // $4
-            .bind(message.created_at) // $5
-            .bind(unread) // $6
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
+        /// Merges a new newest message and unread count into a participant's row.
+        const MEMBER_UPSERT_CONFLICT: &str =
+            " ON CONFLICT (user_id, other_user_id, conversation_id) DO UPDATE SET \
+             last_message_id = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+             > (conversation_members.last_created_at, conversation_members.last_message_id) \
+             THEN excluded.last_message_id ELSE conversation_members.last_message_id END, \
+             last_created_at = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+             > (conversation_members.last_created_at, conversation_members.last_message_id) \
+             THEN excluded.last_created_at ELSE conversation_members.last_created_at END, \
+             unread_count = conversation_members.unread_count + excluded.unread_count";
 
         #[async_trait::async_trait]
         impl $crate::storage::MessageRepository for $store {
@@ -486,39 +536,71 @@ macro_rules! impl_repositories {
                 &self,
                 message: $crate::storage::NewMessage,
             ) -> $crate::storage::Result<$crate::storage::MessageRecord> {
-                let mut stored = self.insert_messages(vec![message]).await?;
-                stored.pop().ok_or($crate::storage::StorageError::NotFound("message"))
+                self.insert_messages(vec![message])
+                    .await?
+                    .pop()
+                    .unwrap_or(Err($crate::storage::StorageError::NotFound("message")))
             }
 
             async fn insert_messages(
                 &self,
                 messages: Vec<$crate::storage::NewMessage>,
-            ) -> $crate::storage::Result<Vec<$crate::storage::MessageRecord>> {
-                let mut tx = self.begin_write().await?;
-                let mut stored = Vec::with_capacity(messages.len());
-                for message in &messages {
-                    let record: $crate::storage::MessageRecord = sqlx::query_as(
-                        "INSERT INTO messages (sender_id, recipient_id, content, is_read, parent_id, \
-                         conversation_id, created_at, user_low, user_high) \
-                         VALUES ($1, $2, $3, FALSE, $4, $5, $6, $7, $8) RETURNING *",
-                    )
-                    .bind(message.sender_id) // $1
-                    .bind(message.recipient_id) // $2
-                    .bind(&message.content) // $3
-                    .bind(message.parent_id) // $4
-                    .bind(&message.conversation_id) // $5
-                    .bind(message.now) // $6
-                    .bind(message.sender_id.min(message.recipient_id)) // $7
-                    .bind(message.sender_id.max(message.recipient_id)) // $8
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    stored.push(record);
+            ) -> $crate::storage::Result<Vec<$crate::storage::Result<$crate::storage::MessageRecord>>> {
+                use $crate::storage::{MessageRecord, StorageError};
+                if messages.is_empty() {
+                    return Ok(Vec::new());
                 }
-                // One upsert per participant row: the newest message and the
-                // unread messages it gained. Rows are locked in key order, the
-                // same in every transaction, so concurrent writers of one
+                let mut tx = self.begin_write().await?;
+                // Recipients are checked inside the transaction that stores
+                // the messages, so none can be disabled in between.
+                let mut recipients = sqlx::QueryBuilder::<$db>::new("SELECT id, is_active FROM users WHERE id IN (");
+                let mut ids = recipients.separated(", ");
+                for recipient_id in messages.iter().map(|m| m.recipient_id).collect::<std::collections::BTreeSet<_>>() {
+                    ids.push_bind(recipient_id);
+                }
+                recipients.push(")");
+                let active: std::collections::HashMap<i64, bool> =
+                    recipients.build_query_as::<(i64, bool)>().fetch_all(&mut *tx).await?.into_iter().collect();
+                let verdicts: Vec<std::result::Result<(), StorageError>> = messages
+                    .iter()
+                    .map(|m| match active.get(&m.recipient_id) {
+                        None => Err(StorageError::NotFound("recipient")),
+                        Some(false) => Err(StorageError::Precondition($crate::domain::message::RECIPIENT_DISABLED)),
+                        Some(true) => Ok(()),
+                    })
+                    .collect();
+                let accepted: Vec<&$crate::storage::NewMessage> = messages
+                    .iter()
+                    .zip(&verdicts)
+                    .filter_map(|(m, verdict)| verdict.is_ok().then_some(m))
+                    .collect();
+                // One INSERT for the whole batch. RETURNING gives no row order,
+                // so each row is matched back to its request by its content.
+                let mut stored: Vec<MessageRecord> = Vec::with_capacity(accepted.len());
+                if !accepted.is_empty() {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO messages (sender_id, recipient_id, content, is_read, parent_id, \
+                         conversation_id, created_at, user_low, user_high) ",
+                    );
+                    insert.push_values(&accepted, |mut row, m| {
+                        row.push_bind(m.sender_id)
+                            .push_bind(m.recipient_id)
+                            .push_bind(m.content.clone())
+                            .push("FALSE")
+                            .push_bind(m.parent_id)
+                            .push_bind(m.conversation_id.clone())
+                            .push_bind(m.now)
+                            .push_bind(m.sender_id.min(m.recipient_id))
+                            .push_bind(m.sender_id.max(m.recipient_id));
+                    });
+                    insert.push(" RETURNING *");
+                    stored = insert.build_query_as().fetch_all(&mut *tx).await?;
+                }
+                // One upsert row per participant: the newest message and the
+                // unread messages it gained. Rows come in key order, the same
+                // in every transaction, so concurrent writers of one
                 // conversation cannot deadlock on PostgreSQL.
-                let mut members: std::collections::BTreeMap<(i64, i64, &str), (&$crate::storage::MessageRecord, i64)> =
+                let mut members: std::collections::BTreeMap<(i64, i64, &str), (&MessageRecord, i64)> =
                     std::collections::BTreeMap::new();
                 for record in &stored {
                     let (sender, recipient) = (record.sender_id, record.recipient_id);
@@ -536,11 +618,46 @@ macro_rules! impl_repositories {
                         entry.1 += unread;
                     }
                 }
-                for ((user_id, other_user_id, _), (newest, unread)) in members {
-                    upsert_conversation_member(&mut tx, user_id, other_user_id, newest, unread).await?;
+                if !members.is_empty() {
+                    let mut upsert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
+                         last_message_id, last_created_at, unread_count) ",
+                    );
+                    upsert.push_values(&members, |mut row, ((user_id, other_user_id, conversation_id), (newest, unread))| {
+                        row.push_bind(*user_id)
+                            .push_bind(*other_user_id)
+                            .push_bind(conversation_id.to_string())
+                            .push_bind(newest.id)
+                            .push_bind(newest.created_at)
+                            .push_bind(*unread);
+                    });
+                    upsert.push(MEMBER_UPSERT_CONFLICT);
+                    upsert.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
-                Ok(stored)
+                if let Some(pages) = self.page_cache() {
+                    pages.forget(stored.iter().flat_map(|m| [m.sender_id, m.recipient_id]));
+                }
+                // Back to request order.
+                let mut by_content: std::collections::HashMap<_, Vec<MessageRecord>> =
+                    std::collections::HashMap::new();
+                for record in stored {
+                    let key = (record.sender_id, record.recipient_id, record.content.clone(),
+                        record.parent_id, record.conversation_id.clone(), record.created_at);
+                    by_content.entry(key).or_default().push(record);
+                }
+                Ok(messages
+                    .into_iter()
+                    .zip(verdicts)
+                    .map(|(m, verdict)| {
+                        verdict?;
+                        let key = (m.sender_id, m.recipient_id, m.content, m.parent_id, m.conversation_id, m.now);
+                        by_content
+                            .get_mut(&key)
+                            .and_then(Vec::pop)
+                            .ok_or(StorageError::NotFound("message"))
+                    })
+                    .collect())
             }
 
             async fn find_message(
@@ -560,61 +677,23 @@ macro_rules! impl_repositories {
                 before: $crate::storage::Before,
                 limit: i64,
             ) -> $crate::storage::Result<Vec<$crate::storage::MessageRecord>> {
-                // Each branch is one range scan of one index, newest first:
-                // (user_low, user_high[, conversation_id], created_at, id) for a
-                // pair, the partial unread index, or sender and recipient
-                // indexes merged.
-                let conversation = |query: &mut sqlx::QueryBuilder<$db>| {
-                    if let Some(conversation_id) = &filter.conversation_id {
-                        query.push(" AND conversation_id = ").push_bind(conversation_id.clone());
-                    }
-                };
-                let mut query = sqlx::QueryBuilder::<$db>::new("");
-                match (filter.with_user_id, filter.unread_only) {
-                    (Some(other), unread_only) => {
-                        query
-                            .push("SELECT * FROM messages WHERE user_low = ")
-                            .push_bind(user_id.min(other))
-                            .push(" AND user_high = ")
-                            .push_bind(user_id.max(other));
-                        conversation(&mut query);
-                        if unread_only {
-                            query
-                                .push(" AND recipient_id = ")
-                                .push_bind(user_id)
-                                .push(" AND is_read = FALSE");
+                let cached = match self.page_cache() {
+                    Some(pages) if before == $crate::storage::Before::START => {
+                        let key = $crate::storage::page_cache::PageKey::new(filter, limit);
+                        if let Some(page) = pages.get(user_id, &key) {
+                            return Ok(page.as_ref().clone());
                         }
-                        push_page(&mut query, before, limit);
+                        Some((pages, key, pages.generation()))
                     }
-                    (None, true) => {
-                        query
-                            .push("SELECT * FROM messages WHERE recipient_id = ")
-                            .push_bind(user_id)
-                            .push(" AND is_read = FALSE");
-                        conversation(&mut query);
-                        push_page(&mut query, before, limit);
-                    }
-                    (None, false) => {
-                        query
-                            .push("SELECT * FROM (SELECT * FROM messages WHERE sender_id = ")
-                            .push_bind(user_id);
-                        conversation(&mut query);
-                        push_page(&mut query, before, limit);
-                        // A note to oneself is in both branches: keep it in the first.
-                        query
-                            .push(") AS sent UNION ALL SELECT * FROM (SELECT * FROM messages WHERE recipient_id = ")
-                            .push_bind(user_id)
-                            .push(" AND sender_id <> ")
-                            .push_bind(user_id);
-                        conversation(&mut query);
-                        push_page(&mut query, before, limit);
-                        query
-                            .push(") AS received ORDER BY created_at DESC, id DESC LIMIT ")
-                            .push_bind(limit);
-                    }
+                    _ => None,
+                };
+                let page = query_messages(self.reader(), user_id, filter, before, limit).await?;
+                if let Some((pages, key, generation)) = cached {
+                    pages.insert(user_id, key, page.clone(), generation);
                 }
-                Ok(query.build_query_as().fetch_all(self.reader()).await?)
+                Ok(page)
             }
+
 
             async fn list_conversations(
                 &self,
@@ -696,6 +775,9 @@ macro_rules! impl_repositories {
                     .await?;
                 }
                 tx.commit().await?;
+                if let Some(pages) = self.page_cache() {
+                    pages.forget(changed.iter().flat_map(|m| [m.sender_id, m.recipient_id]));
+                }
                 changed.sort_by_key(|message| message.id);
                 Ok(changed)
             }
@@ -765,6 +847,9 @@ macro_rules! impl_repositories {
                     }
                 }
                 tx.commit().await?;
+                if let Some(pages) = self.page_cache() {
+                    pages.forget([deleted.sender_id, deleted.recipient_id]);
+                }
                 Ok(Some(deleted))
             }
         }

@@ -14,7 +14,7 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
-use super::{Database, MigrationState, Result, migrations};
+use super::{Database, MigrationState, Result, migrations, page_cache::PageCache};
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -25,6 +25,8 @@ const READERS: u32 = 8;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Sound because this process is the file's only writer (see `page_cache`).
+    pages: PageCache,
 }
 
 impl SqliteStore {
@@ -41,6 +43,7 @@ impl SqliteStore {
             return Ok(Self {
                 writer: pool.clone(),
                 reader: pool,
+                pages: PageCache::default(),
             });
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -63,7 +66,11 @@ impl SqliteStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            pages: PageCache::default(),
+        })
     }
 
     fn reader(&self) -> &SqlitePool {
@@ -72,6 +79,10 @@ impl SqliteStore {
 
     fn writer(&self) -> &SqlitePool {
         &self.writer
+    }
+
+    fn page_cache(&self) -> Option<&PageCache> {
+        Some(&self.pages)
     }
 
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {

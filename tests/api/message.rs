@@ -30,6 +30,7 @@ backend_tests!(
     two_instances_share_stream_events_and_revocations,
     a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back,
     a_failing_message_in_a_group_commit_fails_alone,
+    first_pages_show_every_change_at_once_under_every_filter,
 );
 
 async fn send(
@@ -1050,43 +1051,168 @@ async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back
 }
 
 async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
-    use ai_message::storage::{NewMessage, batch::MessageWriter};
+    use ai_message::storage::{NewMessage, StorageError, batch::MessageWriter};
     let app = spawn_app(backend).await;
     let ann = app.register("ann").await;
     let bob = app.register("bob").await;
-    let message = |recipient_id: i64, content: &str| NewMessage {
-        sender_id: ann.id,
+    let message = |sender_id: i64, recipient_id: i64, content: &str| NewMessage {
+        sender_id,
         recipient_id,
         content: content.into(),
         parent_id: None,
         conversation_id: "c".into(),
         now: ai_message::domain::Timestamp::now().micros(),
     };
-    // One transaction: a message to a user who does not exist fails it whole.
+    let count_sent = || app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id);
+    // One transaction: a message from a user who does not exist fails it whole.
     let together = app
         .state
         .db
-        .insert_messages(vec![message(bob.id, "fine"), message(987_654, "orphan")])
+        .insert_messages(vec![
+            message(ann.id, bob.id, "fine"),
+            message(987_654, bob.id, "orphan"),
+        ])
         .await;
     assert!(together.is_err());
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id)
-            .await,
-        0,
-        "all or nothing"
-    );
+    assert_eq!(count_sent().await, 0, "all or nothing");
+    // A missing or disabled recipient is refused alone, inside the transaction.
+    app.execute("UPDATE users SET is_active = FALSE WHERE id = $1", bob.id)
+        .await;
+    let answers = app
+        .state
+        .db
+        .insert_messages(vec![
+            message(ann.id, ann.id, "note"),
+            message(ann.id, 987_654, "nobody"),
+            message(ann.id, bob.id, "disabled"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers[0].as_ref().unwrap().content, "note");
+    assert!(matches!(
+        answers[1],
+        Err(StorageError::NotFound("recipient"))
+    ));
+    assert!(matches!(answers[2], Err(StorageError::Precondition(_))));
+    assert_eq!(count_sent().await, 1);
+    app.execute("UPDATE users SET is_active = TRUE WHERE id = $1", bob.id)
+        .await;
     // Through the writer, queued together, only the bad one fails.
     let writer = MessageWriter::start(std::sync::Arc::clone(&app.state.db));
     let (good, bad) = tokio::join!(
-        writer.insert(message(bob.id, "fine")),
-        writer.insert(message(987_654, "orphan"))
+        writer.insert(message(ann.id, bob.id, "fine")),
+        writer.insert(message(987_654, bob.id, "orphan"))
     );
     assert_eq!(good.unwrap().content, "fine");
     assert!(bad.is_err());
+    assert_eq!(count_sent().await, 2);
+    app.stop().await;
+}
+
+/// The first page of each filter, as the caller sees it now: (ids, read flags).
+async fn first_pages(app: &TestApp, who: &LoggedIn, partner: i64) -> Vec<Vec<(i64, bool)>> {
+    let filters = [
+        proto::ListMessagesRequest::default(),
+        proto::ListMessagesRequest {
+            with_user_id: Some(partner),
+            ..Default::default()
+        },
+        proto::ListMessagesRequest {
+            unread_only: true,
+            ..Default::default()
+        },
+        proto::ListMessagesRequest {
+            page_size: 2,
+            ..Default::default()
+        },
+    ];
+    let mut pages = Vec::new();
+    for filter in filters {
+        let page = list(app, who, filter).await.unwrap();
+        pages.push(page.messages.iter().map(|m| (m.id, m.is_read)).collect());
+    }
+    pages
+}
+
+async fn first_pages_show_every_change_at_once_under_every_filter(backend: Backend) {
+    // First pages may be served from memory (SQLite): each kind of write must
+    // show in the very next list of both participants.
+    let app = spawn_app(backend).await;
+    let ann = app.register_and_login("ann").await;
+    let ben = app.register_and_login("ben").await;
+    let cal = app.register_and_login("cal").await;
+    assert_eq!(first_pages(&app, &ben, ann.user_id).await, vec![vec![]; 4]);
+    assert_eq!(first_pages(&app, &ann, ben.user_id).await, vec![vec![]; 4]);
+
+    let first = send(&app, &ann, text(ben.user_id, "one")).await.unwrap().id;
+    let second = send(&app, &ann, text(ben.user_id, "two")).await.unwrap().id;
+    let unread = vec![(second, false), (first, false)];
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id)
-            .await,
-        1
+        first_pages(&app, &ben, ann.user_id).await,
+        vec![
+            unread.clone(),
+            unread.clone(),
+            unread.clone(),
+            unread.clone()
+        ],
+        "new messages reach the recipient's pages"
+    );
+    assert_eq!(
+        first_pages(&app, &ann, ben.user_id).await[0],
+        unread,
+        "and the sender's"
+    );
+
+    assert_eq!(mark_read(&app, &ben, vec![first]).await.unwrap(), 1);
+    let after_read = vec![(second, false), (first, true)];
+    assert_eq!(
+        first_pages(&app, &ben, ann.user_id).await,
+        vec![
+            after_read.clone(),
+            after_read.clone(),
+            vec![(second, false)],
+            after_read.clone()
+        ],
+        "a read shows at once"
+    );
+    assert_eq!(first_pages(&app, &ann, ben.user_id).await[0], after_read);
+
+    delete(&app, &ann, second).await.unwrap();
+    assert_eq!(
+        first_pages(&app, &ben, ann.user_id).await,
+        vec![
+            vec![(first, true)],
+            vec![(first, true)],
+            vec![],
+            vec![(first, true)]
+        ],
+        "a deletion shows at once"
+    );
+    assert_eq!(
+        first_pages(&app, &ann, ben.user_id).await[0],
+        vec![(first, true)]
+    );
+
+    let from_cal = send(&app, &cal, text(ben.user_id, "hi")).await.unwrap().id;
+    assert_eq!(
+        first_pages(&app, &ben, cal.user_id).await[0],
+        vec![(from_cal, false), (first, true)]
+    );
+    let admin = app.superuser("root").await;
+    app.admin
+        .clone()
+        .delete_user(with_bearer(
+            proto::DeleteUserRequest {
+                user_id: cal.user_id,
+            },
+            &admin.access_token,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        first_pages(&app, &ben, cal.user_id).await,
+        vec![vec![(first, true)], vec![], vec![], vec![(first, true)]],
+        "a deleted user's messages leave everyone's pages"
     );
     app.stop().await;
 }
