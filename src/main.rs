@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use ai_message::{cli, config::Config, telemetry};
 use clap::Parser as _;
 
+/// mimalloc: many small short-lived allocations per call (protobuf strings,
+/// rows), where it is measurably faster than glibc malloc (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     if let Err(error) = dotenvy::dotenv()
