@@ -1,11 +1,12 @@
-//! Load generator: starts ai-message in this process on a fresh database (or
-//! targets `--url`), drives it with real tonic clients over a few HTTP/2
+//! Load generator: starts ai-message in this process on a fresh database (an
+//! SQLite file, or `--database-url`), drives it with real tonic clients over a few HTTP/2
 //! connections, and prints calls per second and latency percentiles per
 //! scenario, with each throughput also as a percentage of the health Check.
 //!
 //!     cargo run --release --bin ai-message-bench -- [--seconds 5] [--concurrency 64]
-//!         [--connections 4] [--scenarios health,getme,validate,send,list,login]
-//!         [--database-url postgres://...]
+//!         [--connections 4] [--bcrypt-cost 12] [--json results.json]
+//!         [--scenarios health,getme,validate,send,list,login,stream,idle]
+//!         [--database-url postgres://...]   (then pgbench runs beside it)
 
 use std::{
     sync::Arc,
@@ -15,6 +16,8 @@ use std::{
 use ai_message::{
     config::{Config, DatabaseTarget},
     domain::Timestamp,
+    services::AppState,
+    storage::{NewSession, NewUser},
     proto::{
         self, auth_service_client::AuthServiceClient, message_service_client::MessageServiceClient,
     },
@@ -28,6 +31,10 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+const ALL_SCENARIOS: [&str; 8] = [
+    "health", "getme", "validate", "send", "list", "login", "stream", "idle",
+];
+
 struct Options {
     seconds: u64,
     concurrency: usize,
@@ -35,6 +42,7 @@ struct Options {
     scenarios: Vec<String>,
     database_url: Option<String>,
     bcrypt_cost: u32,
+    json: Option<std::path::PathBuf>,
 }
 
 fn options() -> Result<Options, String> {
@@ -42,11 +50,10 @@ fn options() -> Result<Options, String> {
         seconds: 5,
         concurrency: 64,
         connections: 4,
-        scenarios: ["health", "getme", "validate", "send", "list", "login"]
-            .map(String::from)
-            .to_vec(),
+        scenarios: ALL_SCENARIOS.map(String::from).to_vec(),
         database_url: None,
         bcrypt_cost: 12,
+        json: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -64,6 +71,7 @@ fn options() -> Result<Options, String> {
             }
             "--scenarios" => options.scenarios = value()?.split(',').map(str::to_owned).collect(),
             "--database-url" => options.database_url = Some(value()?),
+            "--json" => options.json = Some(value()?.into()),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -141,17 +149,22 @@ fn bearer<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A `/proc/<process>/status` figure (`VmHWM:` peak, `VmRSS:` now), in MiB.
+fn status_mib(process: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find(|line| line.starts_with("VmHWM:"))
+                .find(|line| line.starts_with(field))
                 .and_then(|line| line.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn peak_rss_mib() -> f64 {
+    status_mib("self", "VmHWM:")
 }
 
 struct Row {
@@ -161,6 +174,17 @@ struct Row {
 
 #[tokio::main]
 async fn main() {
+    // The child process of the idle-streams scenario: a server and nothing else.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, dir] = args.as_slice()
+        && flag == IDLE_SERVER_FLAG
+    {
+        if let Err(error) = idle_server(std::path::Path::new(dir)).await {
+            eprintln!("idle server failed: {error:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let options = match options() {
         Ok(options) => options,
         Err(message) => {
@@ -237,6 +261,9 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     let duration = Duration::from_secs(options.seconds);
     let concurrency = options.concurrency;
     let mut rows: Vec<Row> = Vec::new();
+    // Lines printed under the table, and extra figures for the JSON output.
+    let mut summary: Vec<String> = Vec::new();
+    let mut extra: Vec<(String, f64)> = vec![("idle_rss_mib".into(), idle_rss)];
 
     for scenario in &options.scenarios {
         match scenario.as_str() {
@@ -359,6 +386,33 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     let _ = bcrypt::hash("measure one hash", options.bcrypt_cost);
                     started.elapsed()
                 };
+                let cores = std::thread::available_parallelism().map_or(2, usize::from) as f64;
+                let ceiling = cores / one_hash.as_secs_f64();
+                // Successful logins alone: what the hasher gets out of the cores.
+                let login_clients: Vec<_> = (0..concurrency)
+                    .map(|w| AuthServiceClient::new(channel(w)))
+                    .collect();
+                let logins = drive(concurrency, duration, move |w, _| {
+                    let mut client = login_clients[w].clone();
+                    let request = proto::LoginRequest {
+                        username: format!("bench{}", w % 32),
+                        password: password.into(),
+                        device_info: None,
+                    };
+                    async move { client.login(request).await.is_ok() }
+                })
+                .await;
+                summary.push(format!(
+                    "Login: bcrypt cost {}, one hash {:.1} ms, ceiling {ceiling:.1} logins/s on {cores} cores; measured {:.1}/s = {:.0}% of the ceiling",
+                    options.bcrypt_cost,
+                    one_hash.as_secs_f64() * 1000.0,
+                    logins.rate(),
+                    logins.rate() / ceiling * 100.0
+                ));
+                rows.push(Row {
+                    name: "Login (right password)".into(),
+                    sample: logins,
+                });
                 let quiet = get_me_load(&channels, &tokens, 8, duration).await;
                 let flood_clients: Vec<_> = (0..64)
                     .map(|w| AuthServiceClient::new(channel(w)))
@@ -377,15 +431,15 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                             .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
                     }
                 }));
-                let loaded = get_me_load(&channels, &tokens, 8, duration).await;
+                let mut loaded = get_me_load(&channels, &tokens, 8, duration).await;
                 let flood = flood.await?;
-                let cores = std::thread::available_parallelism().map_or(2, usize::from) as f64;
-                println!(
-                    "bcrypt cost {}: one hash {:.1} ms; ceiling {:.1} logins/s on {cores} cores",
-                    options.bcrypt_cost,
-                    one_hash.as_secs_f64() * 1000.0,
-                    cores / one_hash.as_secs_f64()
-                );
+                let mut quiet = quiet;
+                summary.push(format!(
+                    "GetMe p99 during the Login flood: {:.2} ms vs {:.2} ms quiet = {:.1}x",
+                    loaded.percentile(0.99),
+                    quiet.percentile(0.99),
+                    loaded.percentile(0.99) / quiet.percentile(0.99).max(0.001)
+                ));
                 rows.push(Row {
                     name: "GetMe, 8 callers, quiet".into(),
                     sample: quiet,
@@ -399,7 +453,30 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     sample: loaded,
                 });
             }
+            "stream" => {
+                let sample = stream_delivery(&state, port, &channels, &tokens, 16, duration).await?;
+                rows.push(Row {
+                    name: format!("Stream delivery ({STREAMS} streams, 2k/s)"),
+                    sample,
+                });
+            }
+            "idle" => {
+                let (before, after) = idle_streams().await?;
+                summary.push(format!(
+                    "{IDLE_STREAMS} idle streams: server RSS {before:.1} MiB before, {after:.1} MiB with them open (+{:.1} MiB; the server alone, in its own process)",
+                    after - before
+                ));
+                extra.push(("idle_streams_rss_mib".into(), after));
+                extra.push(("idle_streams_rss_growth_mib".into(), after - before));
+            }
             other => anyhow::bail!("unknown scenario {other}"),
+        }
+    }
+
+    if let DatabaseTarget::Postgres(url) = &target {
+        for (name, rate) in pgbench(url, options.seconds, concurrency)? {
+            summary.push(format!("pgbench {name}: {rate:.0} transactions/s (the database's own limit)"));
+            extra.push((format!("pgbench_{name}_per_second"), rate));
         }
     }
 
@@ -411,29 +488,65 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
         "\n{:<38} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}",
         "scenario", "calls/s", "% floor", "p50 ms", "p99 ms", "p99.9 ms", "errors"
     );
+    let mut json_rows = Vec::new();
     for row in &mut rows {
         let rate = row.sample.rate();
-        let share = floor.map_or("-".to_owned(), |f| format!("{:.0}%", rate / f * 100.0));
+        let share = floor.map(|f| rate / f * 100.0);
+        let (p50, p99, p999) = (
+            row.sample.percentile(0.5),
+            row.sample.percentile(0.99),
+            row.sample.percentile(0.999),
+        );
         println!(
             "{:<38} {:>10.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>7}",
             row.name,
             rate,
-            share,
-            row.sample.percentile(0.5),
-            row.sample.percentile(0.99),
-            row.sample.percentile(0.999),
+            share.map_or("-".to_owned(), |share| format!("{share:.0}%")),
+            p50,
+            p99,
+            p999,
             row.sample.errors
         );
+        json_rows.push(serde_json::json!({
+            "scenario": row.name,
+            "calls_per_second": rate,
+            "percent_of_health": share,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "p99_9_ms": p999,
+            "errors": row.sample.errors,
+        }));
     }
+    println!();
+    for line in &summary {
+        println!("{line}");
+    }
+    let peak = peak_rss_mib();
+    extra.push(("peak_rss_mib".into(), peak));
     println!(
-        "\ndatabase {:?}; {} connections, {} callers, {} s per scenario; process RSS idle {:.1} MiB, peak {:.1} MiB (server and load generator together)",
+        "database {:?}; {} connections, {} callers, {} s per scenario; process RSS idle {:.1} MiB, peak {:.1} MiB (server and load generator together)",
         target,
         channels.len(),
         concurrency,
         options.seconds,
         idle_rss,
-        peak_rss_mib()
+        peak
     );
+    if let Some(path) = &options.json {
+        let report = serde_json::json!({
+            "database": format!("{target:?}"),
+            "connections": channels.len(),
+            "callers": concurrency,
+            "seconds_per_scenario": options.seconds,
+            "scenarios": json_rows,
+            "figures": extra
+                .iter()
+                .map(|(name, value)| (name.clone(), serde_json::json!(value)))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
+            "notes": summary,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
     let _ = stop.send(());
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -456,4 +569,273 @@ async fn get_me_load(
         async move { client.get_me(request).await.is_ok() }
     })
     .await
+}
+
+/// Streams kept open while deliveries are timed.
+const STREAMS: usize = 1_000;
+/// Idle streams whose memory is measured (users times streams each).
+const IDLE_STREAMS: usize = 10_000;
+const IDLE_USERS: usize = 1_000;
+/// Messages per second sent to the streaming users.
+const STREAM_SEND_RATE: f64 = 2_000.0;
+
+/// Users made straight in storage with a session and an access token each:
+/// registering thousands through the API would mostly time bcrypt.
+async fn mint_users(
+    state: &Arc<AppState>,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(i64, String)>> {
+    let password_hash = bcrypt::hash("not used for logging in", 4)?;
+    let mut users = Vec::with_capacity(count);
+    for i in 0..count {
+        let now = Timestamp::now();
+        let username = format!("{prefix}{i}");
+        let user = state
+            .db
+            .create_user(NewUser {
+                email: format!("{username}@example.com"),
+                username,
+                password_hash: password_hash.clone(),
+                full_name: None,
+                is_superuser: false,
+                now: now.micros(),
+            })
+            .await?;
+        let expires_at = now.micros() + 86_400_000_000;
+        let session = state
+            .db
+            .create_session(NewSession {
+                user_id: user.id,
+                device_info: None,
+                ip_address: None,
+                now: now.micros(),
+                expires_at,
+                refresh_token_hash: format!("{prefix}{i}").into_bytes(),
+            })
+            .await?;
+        let (token, _) = state.tokens.issue_access(
+            user.id,
+            session.id,
+            now,
+            Timestamp::from_micros(expires_at),
+        )?;
+        users.push((user.id, token));
+    }
+    Ok(users)
+}
+
+/// `count` connections to the server, each able to carry 256 streams.
+async fn connect_many(port: u16, count: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(count);
+    for _ in 0..count {
+        channels.push(
+            Channel::from_shared(format!("http://127.0.0.1:{port}"))?
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
+/// Waits until the hub has `users` subscribed users (every stream is open).
+async fn until_subscribed(state: &AppState, users: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state.events.subscribed_users() < users {
+        anyhow::ensure!(Instant::now() < deadline, "streams did not open within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Send-to-receive latency with `STREAMS` open streams: senders write to the
+/// streaming users, each message carrying its send time; the sample's
+/// latencies are deliveries.
+async fn stream_delivery(
+    state: &Arc<AppState>,
+    port: u16,
+    channels: &[Channel],
+    tokens: &Arc<Vec<String>>,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Sample> {
+    let streamers = mint_users(state, "streamer", STREAMS).await?;
+    let stream_channels = connect_many(port, STREAMS.div_ceil(200)).await?;
+    let origin = Instant::now();
+    let deliveries = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut listeners = Vec::new();
+    for (i, (_, token)) in streamers.iter().enumerate() {
+        let mut client = MessageServiceClient::new(stream_channels[i % stream_channels.len()].clone());
+        let mut stream = client
+            .stream_messages(bearer(proto::StreamMessagesRequest {}, token))
+            .await?
+            .into_inner();
+        let deliveries = Arc::clone(&deliveries);
+        listeners.push(tokio::spawn(async move {
+            while let Ok(Some(event)) = stream.message().await {
+                if let Some(proto::stream_messages_response::Event::Created(message)) = event.event
+                    && let Ok(sent) = message.content.parse::<u64>()
+                {
+                    let received = origin.elapsed().as_micros() as u64;
+                    if let Ok(mut deliveries) = deliveries.lock() {
+                        deliveries.push(received.saturating_sub(sent));
+                    }
+                }
+            }
+        }));
+    }
+    until_subscribed(state, STREAMS).await?;
+    let recipients: Arc<Vec<i64>> = Arc::new(streamers.iter().map(|(id, _)| *id).collect());
+    let clients: Vec<_> = (0..concurrency)
+        .map(|w| MessageServiceClient::new(channels[w % channels.len()].clone()))
+        .collect();
+    let tokens = Arc::clone(tokens);
+    // Paced at STREAM_SEND_RATE in all: latency of delivery, not of a queue
+    // of saturated senders (SendMessage measures that).
+    let pause = Duration::from_secs_f64(concurrency as f64 / STREAM_SEND_RATE);
+    let sends = drive(concurrency, duration, move |w, n| {
+        let mut client = clients[w].clone();
+        let to = recipients[(w * 7919 + n as usize * 31) % recipients.len()];
+        let request = bearer(
+            proto::SendMessageRequest {
+                recipient_id: to,
+                content: (origin.elapsed().as_micros() as u64).to_string(),
+                parent_id: None,
+                conversation_id: None,
+            },
+            &tokens[w % tokens.len()],
+        );
+        async move {
+            let ok = client.send_message(request).await.is_ok();
+            tokio::time::sleep(pause).await;
+            ok
+        }
+    })
+    .await;
+    // Let the last deliveries arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for listener in listeners {
+        listener.abort();
+    }
+    let latencies = deliveries.lock().map(|d| d.clone()).unwrap_or_default();
+    Ok(Sample {
+        errors: sends.errors + (sends.latencies.len() as u64).saturating_sub(latencies.len() as u64),
+        latencies,
+        elapsed: sends.elapsed,
+    })
+}
+
+const IDLE_SERVER_FLAG: &str = "--idle-server";
+
+/// Child mode: serves a fresh SQLite database in `dir` with `IDLE_USERS`
+/// minted users, writes their tokens to `dir/tokens` and the port to
+/// `dir/port`, and serves until its parent closes standard input.
+async fn idle_server(dir: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::for_tests(DatabaseTarget::Sqlite(Some(dir.join("idle.db"))));
+    let app = Application::build(config).await?;
+    let port = app.port();
+    let state = app.state();
+    let users = mint_users(&state, "idler", IDLE_USERS).await?;
+    let tokens: Vec<String> = users.into_iter().map(|(_, token)| token).collect();
+    std::fs::write(dir.join("tokens"), tokens.join("\n"))?;
+    std::fs::write(dir.join("port.tmp"), port.to_string())?;
+    std::fs::rename(dir.join("port.tmp"), dir.join("port"))?;
+    app.run_until_stopped(async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        })
+        .await;
+    })
+    .await
+}
+
+/// The server's own RSS (a child process, apart from the clients) before
+/// and after `IDLE_STREAMS` streams that receive nothing are opened.
+async fn idle_streams() -> anyhow::Result<(f64, f64)> {
+    let dir = std::env::temp_dir().join(format!("ai-message-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg(IDLE_SERVER_FLAG)
+        .arg(&dir)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let server_rss = |pid: u32| status_mib(&pid.to_string(), "VmRSS:");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let port: u16 = loop {
+        if let Ok(port) = std::fs::read_to_string(dir.join("port")) {
+            break port.trim().parse()?;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the idle server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let tokens: Vec<String> = std::fs::read_to_string(dir.join("tokens"))?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let channels = connect_many(port, IDLE_STREAMS.div_ceil(200)).await?;
+    let before = server_rss(child.id());
+    let mut streams = Vec::with_capacity(IDLE_STREAMS);
+    for i in 0..IDLE_STREAMS {
+        let mut client = MessageServiceClient::new(channels[i % channels.len()].clone());
+        streams.push(
+            client
+                .stream_messages(bearer(proto::StreamMessagesRequest {}, &tokens[i % tokens.len()]))
+                .await?
+                .into_inner(),
+        );
+    }
+    // Every stream has its response headers, so the server holds them all.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server_rss(child.id());
+    drop(streams);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((before, after))
+}
+
+/// `pgbench`'s single-row INSERT and SELECT rates on the same server.
+fn pgbench(url: &str, seconds: u64, clients: usize) -> anyhow::Result<Vec<(String, f64)>> {
+    let dir = std::env::temp_dir().join(format!("ai-message-pgbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let psql = |sql: &str| {
+        std::process::Command::new("psql")
+            .args(["-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+            .status()
+    };
+    psql(
+        "DROP TABLE IF EXISTS pgbench_single; \
+         CREATE TABLE pgbench_single (id BIGSERIAL PRIMARY KEY, v TEXT NOT NULL); \
+         INSERT INTO pgbench_single (v) SELECT 'row ' || g FROM generate_series(1, 10000) g;",
+    )?;
+    let scripts = [
+        ("insert", "INSERT INTO pgbench_single (v) VALUES ('benchmark message');\n"),
+        ("select", "\\set id random(1, 10000)\nSELECT v FROM pgbench_single WHERE id = :id;\n"),
+    ];
+    let mut rates = Vec::new();
+    for (name, script) in scripts {
+        let file = dir.join(format!("{name}.sql"));
+        std::fs::write(&file, script)?;
+        let output = std::process::Command::new("pgbench")
+            .args(["-n", "-M", "prepared", "-c"])
+            .arg(clients.min(64).to_string())
+            .args(["-j", "2", "-T"])
+            .arg(seconds.to_string())
+            .arg("-f")
+            .arg(&file)
+            .arg(url)
+            .output()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let rate = text
+            .lines()
+            .find(|line| line.starts_with("tps = "))
+            .and_then(|line| line.split_whitespace().nth(2))
+            .and_then(|tps| tps.parse::<f64>().ok())
+            .ok_or_else(|| anyhow::anyhow!("pgbench printed no rate: {text}"))?;
+        rates.push((name.to_owned(), rate));
+    }
+    let _ = psql("DROP TABLE IF EXISTS pgbench_single");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rates)
 }
