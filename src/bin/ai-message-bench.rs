@@ -16,12 +16,12 @@ use std::{
 use ai_message::{
     config::{Config, DatabaseTarget},
     domain::Timestamp,
-    services::AppState,
-    storage::{NewSession, NewUser},
     proto::{
         self, auth_service_client::AuthServiceClient, message_service_client::MessageServiceClient,
     },
+    services::AppState,
     startup::Application,
+    storage::{NewSession, NewUser},
 };
 use tonic::{Request, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -454,7 +454,8 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 });
             }
             "stream" => {
-                let sample = stream_delivery(&state, port, &channels, &tokens, 16, duration).await?;
+                let sample =
+                    stream_delivery(&state, port, &channels, &tokens, 16, duration).await?;
                 rows.push(Row {
                     name: format!("Stream delivery ({STREAMS} streams, 2k/s)"),
                     sample,
@@ -475,7 +476,9 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
 
     if let DatabaseTarget::Postgres(url) = &target {
         for (name, rate) in pgbench(url, options.seconds, concurrency)? {
-            summary.push(format!("pgbench {name}: {rate:.0} transactions/s (the database's own limit)"));
+            summary.push(format!(
+                "pgbench {name}: {rate:.0} transactions/s (the database's own limit)"
+            ));
             extra.push((format!("pgbench_{name}_per_second"), rate));
         }
     }
@@ -642,7 +645,10 @@ async fn connect_many(port: u16, count: usize) -> anyhow::Result<Vec<Channel>> {
 async fn until_subscribed(state: &AppState, users: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while state.events.subscribed_users() < users {
-        anyhow::ensure!(Instant::now() < deadline, "streams did not open within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "streams did not open within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
@@ -665,7 +671,8 @@ async fn stream_delivery(
     let deliveries = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut listeners = Vec::new();
     for (i, (_, token)) in streamers.iter().enumerate() {
-        let mut client = MessageServiceClient::new(stream_channels[i % stream_channels.len()].clone());
+        let mut client =
+            MessageServiceClient::new(stream_channels[i % stream_channels.len()].clone());
         let mut stream = client
             .stream_messages(bearer(proto::StreamMessagesRequest {}, token))
             .await?
@@ -719,7 +726,8 @@ async fn stream_delivery(
     }
     let latencies = deliveries.lock().map(|d| d.clone()).unwrap_or_default();
     Ok(Sample {
-        errors: sends.errors + (sends.latencies.len() as u64).saturating_sub(latencies.len() as u64),
+        errors: sends.errors
+            + (sends.latencies.len() as u64).saturating_sub(latencies.len() as u64),
         latencies,
         elapsed: sends.elapsed,
     })
@@ -780,7 +788,10 @@ async fn idle_streams() -> anyhow::Result<(f64, f64)> {
         let mut client = MessageServiceClient::new(channels[i % channels.len()].clone());
         streams.push(
             client
-                .stream_messages(bearer(proto::StreamMessagesRequest {}, &tokens[i % tokens.len()]))
+                .stream_messages(bearer(
+                    proto::StreamMessagesRequest {},
+                    &tokens[i % tokens.len()],
+                ))
                 .await?
                 .into_inner(),
         );
@@ -810,8 +821,14 @@ fn pgbench(url: &str, seconds: u64, clients: usize) -> anyhow::Result<Vec<(Strin
          INSERT INTO pgbench_single (v) SELECT 'row ' || g FROM generate_series(1, 10000) g;",
     )?;
     let scripts = [
-        ("insert", "INSERT INTO pgbench_single (v) VALUES ('benchmark message');\n"),
-        ("select", "\\set id random(1, 10000)\nSELECT v FROM pgbench_single WHERE id = :id;\n"),
+        (
+            "insert",
+            "INSERT INTO pgbench_single (v) VALUES ('benchmark message');\n",
+        ),
+        (
+            "select",
+            "\\set id random(1, 10000)\nSELECT v FROM pgbench_single WHERE id = :id;\n",
+        ),
     ];
     let mut rates = Vec::new();
     for (name, script) in scripts {

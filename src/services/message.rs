@@ -5,8 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
 use super::{AppState, Caller, convert::message_to_proto};
@@ -26,8 +25,6 @@ use crate::{
 };
 
 const MESSAGE_NOT_FOUND: &str = "message not found";
-/// Responses buffered per stream before the stream's task waits on the client.
-const STREAM_BUFFER: usize = 64;
 /// Streams re-check their session this often even without a revocation
 /// notice, in case one was missed while the database connection was down.
 const SESSION_RECHECK: Duration = Duration::from_secs(30);
@@ -310,24 +307,21 @@ impl MessageApi {
 
     /// Feeds one subscriber until the client leaves, the session ends, the
     /// subscriber lags, or the server shuts down.
-    async fn feed_stream(
-        state: Arc<AppState>,
-        caller: Caller,
-        mut subscription: crate::events::Subscription,
-        out: mpsc::Sender<Result<proto::StreamMessagesResponse, Status>>,
-    ) {
-        let mut shutdown = state.shutdown.clone();
-        let until_expiry = Duration::from_micros(
-            u64::try_from(caller.session_expires_at - Timestamp::now().micros()).unwrap_or(0),
-        );
-        let expiry = tokio::time::sleep(until_expiry);
-        tokio::pin!(expiry);
-        let mut recheck = tokio::time::interval(SESSION_RECHECK);
-        recheck.tick().await;
+    /// The stream's next response, or `None` once it has ended. Polled by
+    /// tonic itself (no task or channel of its own), so an idle stream costs
+    /// only this state; a client that goes away drops it.
+    async fn next_response(
+        feed: &mut StreamFeed,
+    ) -> Option<Result<proto::StreamMessagesResponse, Status>> {
+        if feed.ended {
+            return None;
+        }
         let session_ended = || Status::unauthenticated("the session has ended; log in again");
-        let ending: Option<Status> = loop {
+        let state = Arc::clone(&feed.state);
+        let (session_id, user_id) = (feed.session_id, feed.user_id);
+        let ending = loop {
             tokio::select! {
-                received = subscription.receiver.recv() => match received {
+                received = feed.subscription.receiver.recv() => match received {
                     Ok(event) => match &*event {
                         HubEvent::Message { change, message } => {
                             let message = message_to_proto(message.clone());
@@ -336,15 +330,12 @@ impl MessageApi {
                                 MessageChange::Read => Event::Read(message),
                                 MessageChange::Deleted => Event::Deleted(message),
                             };
-                            let response = proto::StreamMessagesResponse { event: Some(event) };
-                            if out.send(Ok(response)).await.is_err() {
-                                break None;
-                            }
+                            return Some(Ok(proto::StreamMessagesResponse { event: Some(event) }));
                         }
                         // A failed check (database down) is retried at the next recheck.
                         HubEvent::AllUsersChanged => {}
                         HubEvent::UserChanged { .. } => {
-                            if matches!(state.session_is_live(caller.session_id, caller.user.id).await, Ok(false)) {
+                            if matches!(state.session_is_live(session_id, user_id).await, Ok(false)) {
                                 break Some(session_ended());
                             }
                         }
@@ -357,22 +348,33 @@ impl MessageApi {
                     }
                     Err(RecvError::Closed) => break None,
                 },
-                _ = recheck.tick() => {
-                    if matches!(state.session_is_live(caller.session_id, caller.user.id).await, Ok(false)) {
+                () = tokio::time::sleep_until(feed.next_recheck) => {
+                    feed.next_recheck = tokio::time::Instant::now() + SESSION_RECHECK;
+                    if matches!(state.session_is_live(session_id, user_id).await, Ok(false)) {
                         break Some(session_ended());
                     }
                 }
-                () = &mut expiry => break Some(session_ended()),
-                _ = shutdown.changed() => {
+                () = tokio::time::sleep_until(feed.expires) => break Some(session_ended()),
+                _ = feed.shutdown.changed() => {
                     break Some(Status::unavailable("the server is shutting down; reconnect"));
                 }
-                () = out.closed() => break None,
             }
         };
-        if let Some(status) = ending {
-            let _ = out.send(Err(status)).await;
-        }
+        feed.ended = true;
+        ending.map(Err)
     }
+}
+
+/// What one open StreamMessages call holds between events.
+struct StreamFeed {
+    state: Arc<AppState>,
+    subscription: crate::events::Subscription,
+    session_id: i64,
+    user_id: i64,
+    expires: tokio::time::Instant,
+    next_recheck: tokio::time::Instant,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    ended: bool,
 }
 
 #[tonic::async_trait]
@@ -437,13 +439,24 @@ impl MessageService for MessageApi {
         let caller = self.state.authenticate(&request).await?;
         // Subscribed before the response (and its headers) leaves.
         let subscription = self.state.events.subscribe(caller.user.id);
-        let (out, stream) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(Self::feed_stream(
-            Arc::clone(&self.state),
-            caller,
+        let now = tokio::time::Instant::now();
+        let until_expiry = Duration::from_micros(
+            u64::try_from(caller.session_expires_at - Timestamp::now().micros()).unwrap_or(0),
+        );
+        let feed = StreamFeed {
+            state: Arc::clone(&self.state),
             subscription,
-            out,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+            session_id: caller.session_id,
+            user_id: caller.user.id,
+            expires: now + until_expiry,
+            next_recheck: now + SESSION_RECHECK,
+            shutdown: self.state.shutdown.clone(),
+            ended: false,
+        };
+        let stream = futures::stream::unfold(feed, |mut feed| async move {
+            let response = Self::next_response(&mut feed).await?;
+            Some((response, feed))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
