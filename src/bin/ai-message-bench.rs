@@ -812,6 +812,7 @@ fn pgbench(url: &str, seconds: u64, clients: usize) -> anyhow::Result<Vec<(Strin
     std::fs::create_dir_all(&dir)?;
     let psql = |sql: &str| {
         std::process::Command::new("psql")
+            .env("PGOPTIONS", "-c client_min_messages=warning")
             .args(["-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
             .status()
     };
