@@ -17,9 +17,10 @@ use std::{
 
 use super::{MessageFilter, MessageRecord};
 
-/// Users with cached pages; beyond this one user's pages make room (at most
-/// a few MiB with 101 messages per page).
-const MAX_USERS: usize = 2_048;
+/// Memory held by all cached pages together, and by any one page: a user
+/// may list 1,000 messages of 16,384 characters, which is not cached.
+const MAX_TOTAL_BYTES: usize = 64 << 20;
+const MAX_PAGE_BYTES: usize = 1 << 20;
 /// Filter combinations kept per user.
 const MAX_PAGES_PER_USER: usize = 8;
 
@@ -43,17 +44,42 @@ impl PageKey {
     }
 }
 
-type Pages = HashMap<PageKey, Arc<Vec<MessageRecord>>>;
+/// Approximate heap and inline size of a page.
+fn page_bytes(page: &[MessageRecord]) -> usize {
+    page.iter()
+        .map(|m| std::mem::size_of::<MessageRecord>() + m.content.len() + m.conversation_id.len())
+        .sum()
+}
+
+#[derive(Default)]
+struct UserPages {
+    pages: HashMap<PageKey, Arc<Vec<MessageRecord>>>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Pages {
+    users: HashMap<i64, UserPages>,
+    bytes: usize,
+}
+
+impl Pages {
+    fn remove_user(&mut self, user_id: i64) {
+        if let Some(removed) = self.users.remove(&user_id) {
+            self.bytes -= removed.bytes;
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct PageCache {
-    users: Mutex<HashMap<i64, Pages>>,
+    inner: Mutex<Pages>,
     generation: AtomicU64,
 }
 
 impl PageCache {
-    fn lock(&self) -> MutexGuard<'_, HashMap<i64, Pages>> {
-        self.users.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Pages> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Read before loading from the database; hand back to `insert`.
@@ -62,43 +88,57 @@ impl PageCache {
     }
 
     pub fn get(&self, user_id: i64, key: &PageKey) -> Option<Arc<Vec<MessageRecord>>> {
-        self.lock().get(&user_id)?.get(key).cloned()
+        self.lock().users.get(&user_id)?.pages.get(key).cloned()
     }
 
     /// Stores a page read from the database, unless a write has been
-    /// committed since `generation` was taken.
+    /// committed since `generation` was taken or the page is too large.
     pub fn insert(&self, user_id: i64, key: PageKey, page: Vec<MessageRecord>, generation: u64) {
-        let mut users = self.lock();
+        let bytes = page_bytes(&page);
+        if bytes > MAX_PAGE_BYTES {
+            return;
+        }
+        let mut cache = self.lock();
         if self.generation() != generation {
             return;
         }
-        if users.len() >= MAX_USERS && !users.contains_key(&user_id) {
-            let evicted = users.keys().next().copied();
-            if let Some(evicted) = evicted {
-                users.remove(&evicted);
-            }
+        if cache
+            .users
+            .get(&user_id)
+            .is_some_and(|user| user.pages.len() >= MAX_PAGES_PER_USER)
+        {
+            cache.remove_user(user_id);
         }
-        let pages = users.entry(user_id).or_default();
-        if pages.len() >= MAX_PAGES_PER_USER {
-            pages.clear();
+        // Room is made by dropping other users' pages, whichever come first.
+        while cache.bytes + bytes > MAX_TOTAL_BYTES {
+            let Some(evicted) = cache.users.keys().find(|id| **id != user_id).copied() else {
+                break;
+            };
+            cache.remove_user(evicted);
         }
-        pages.insert(key, Arc::new(page));
+        let user = cache.users.entry(user_id).or_default();
+        let replaced = user
+            .pages
+            .insert(key, Arc::new(page))
+            .map_or(0, |old| page_bytes(&old));
+        user.bytes = user.bytes + bytes - replaced;
+        cache.bytes = cache.bytes + bytes - replaced;
     }
 
     /// Forgets the pages of users whose messages changed.
     pub fn forget(&self, user_ids: impl IntoIterator<Item = i64>) {
-        let mut users = self.lock();
+        let mut cache = self.lock();
         self.generation.fetch_add(1, Ordering::SeqCst);
         for user_id in user_ids {
-            users.remove(&user_id);
+            cache.remove_user(user_id);
         }
     }
 
     /// Forgets every page (a user and their messages were erased).
     pub fn clear(&self) {
-        let mut users = self.lock();
+        let mut cache = self.lock();
         self.generation.fetch_add(1, Ordering::SeqCst);
-        users.clear();
+        *cache = Pages::default();
     }
 }
 
@@ -166,11 +206,34 @@ mod tests {
     #[test]
     fn memory_stays_bounded() {
         let cache = PageCache::default();
-        for user_id in 0..(MAX_USERS as i64 + 10) {
-            cache.insert(user_id, key(), Vec::new(), cache.generation());
+        let big = |id: i64| MessageRecord {
+            content: "x".repeat(16_000),
+            ..message(id)
+        };
+        let page: Vec<MessageRecord> = (0..50).map(big).collect();
+        let bytes = page_bytes(&page);
+        for user_id in 0..200 {
+            cache.insert(user_id, key(), page.clone(), cache.generation());
+            assert!(cache.lock().bytes <= MAX_TOTAL_BYTES);
         }
-        assert!(cache.lock().len() <= MAX_USERS);
+        assert!(cache.lock().users.len() >= MAX_TOTAL_BYTES / bytes - 1);
+        let huge: Vec<MessageRecord> = (0..100).map(big).collect();
+        cache.insert(999, key(), huge, cache.generation());
+        assert!(
+            cache.get(999, &key()).is_none(),
+            "a page over 1 MiB is not kept"
+        );
         cache.clear();
-        assert!(cache.lock().is_empty());
+        assert_eq!(cache.lock().bytes, 0);
+    }
+
+    #[test]
+    fn byte_count_follows_replacements_and_removals() {
+        let cache = PageCache::default();
+        cache.insert(1, key(), vec![message(1)], cache.generation());
+        cache.insert(1, key(), vec![message(1), message(2)], cache.generation());
+        assert_eq!(cache.lock().bytes, page_bytes(&[message(1), message(2)]));
+        cache.forget([1]);
+        assert_eq!(cache.lock().bytes, 0);
     }
 }
