@@ -206,6 +206,9 @@ impl Application {
             ServingStatus::NotServing
         };
         health::set_all(&health_reporter, initial).await;
+        background.push(tokio::spawn(
+            state.throttle.clone().sweep_regularly(stop_tx.subscribe()),
+        ));
         background.push(tokio::spawn(health::probe_database(
             Arc::clone(&state.db),
             health_reporter.clone(),

@@ -9,6 +9,10 @@
 //!   10-minute window throttle the address until the window closes.
 //!
 //! Throttled attempts are refused before any password check (no bcrypt).
+//!
+//! A day without failures forgives an account's count, and a sweep every
+//! ten minutes deletes such rows, so names that match no account (one row
+//! each, however many an attacker invents) do not pile up.
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,11 +26,15 @@ use crate::{
 pub const ACCOUNT_DELAY_STEP: Duration = Duration::from_secs(15);
 pub const ACCOUNT_DELAY_MAX: Duration = Duration::from_secs(15 * 60);
 pub const ADDRESS_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// Failures older than this are forgotten when no delay is running.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
+#[derive(Clone)]
 pub struct Throttle {
     db: Arc<dyn Database>,
     limits: ThrottleLimits,
@@ -65,6 +73,34 @@ impl Throttle {
         address: Option<&str>,
     ) -> Result<(), AppError> {
         Ok(self.db.attempt_succeeded(account_key, address).await?)
+    }
+
+    /// Deletes rows that no longer throttle anything; returns how many.
+    pub async fn sweep(&self, now: Timestamp) -> Result<u64, AppError> {
+        let now = now.micros();
+        Ok(self
+            .db
+            .sweep_throttle(
+                now,
+                now.saturating_sub(micros(FAILURE_MEMORY)),
+                self.limits.address_window,
+            )
+            .await?)
+    }
+
+    /// Sweeps every `SWEEP_INTERVAL` until `stop` turns true.
+    pub async fn sweep_regularly(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match self.sweep(Timestamp::now()).await {
+                    Ok(0) => {}
+                    Ok(swept) => tracing::info!(swept, "expired login throttle rows deleted"),
+                    Err(error) => tracing::warn!(error = %error, "login throttle sweep failed; retrying later"),
+                },
+                _ = stop.changed() => break,
+            }
+        }
     }
 
     pub async fn address_throttled(&self, address: &str) -> Result<bool, AppError> {

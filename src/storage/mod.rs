@@ -443,6 +443,16 @@ pub trait ThrottleRepository: Send + Sync {
         address: Option<&str>,
     ) -> Result<()>;
 
+    /// Deletes account rows with no failure since `forget_before` and no
+    /// delay running at `now`, and address rows whose window has ended;
+    /// returns how many rows went.
+    async fn sweep_throttle(
+        &self,
+        now: i64,
+        forget_before: i64,
+        address_window: i64,
+    ) -> Result<u64>;
+
     /// True while the address is throttled (checked before Register).
     async fn address_throttled(
         &self,

@@ -903,7 +903,7 @@ macro_rules! impl_repositories {
                     // Reaching the limit sets the delay in the same statement:
                     // step × (failures beyond the limit + 1), at most the maximum.
                     let reserved: Option<i64> = sqlx::query_scalar(
-                        "UPDATE login_account_throttle SET failures = failures + 1, \
+                        "UPDATE login_account_throttle SET failures = failures + 1, last_failure_at = $2, \
                          locked_until = CASE WHEN failures + 1 >= $3 THEN $2 + \
                          (CASE WHEN (failures + 2 - $3) * $4 > $5 THEN $5 ELSE (failures + 2 - $3) * $4 END) \
                          ELSE 0 END \
@@ -948,6 +948,31 @@ macro_rules! impl_repositories {
                 }
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn sweep_throttle(
+                &self,
+                now: i64,
+                forget_before: i64,
+                address_window: i64,
+            ) -> $crate::storage::Result<u64> {
+                let mut tx = self.begin_write().await?;
+                let accounts = sqlx::query(
+                    "DELETE FROM login_account_throttle WHERE last_failure_at < $1 AND locked_until <= $2",
+                )
+                .bind(forget_before) // $1
+                .bind(now) // $2
+                .execute(&mut *tx)
+                .await?;
+                // An address row past its window counts as empty already.
+                let addresses =
+                    sqlx::query("DELETE FROM login_address_throttle WHERE window_start <= $1 - $2")
+                        .bind(now) // $1
+                        .bind(address_window) // $2
+                        .execute(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                Ok(accounts.rows_affected() + addresses.rows_affected())
             }
 
             async fn address_throttled(

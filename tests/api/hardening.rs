@@ -27,6 +27,7 @@ backend_tests!(
     calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot,
     password_hashing_beyond_the_pending_limit_is_shed_and_below_it_waits,
     unknown_users_and_wrong_passwords_take_the_same_time,
+    throttle_rows_untouched_for_a_day_are_swept_and_running_delays_kept,
 );
 
 async fn login_as(
@@ -734,5 +735,58 @@ async fn unknown_users_and_wrong_passwords_take_the_same_time(backend: Backend) 
         wrong > Duration::from_millis(5),
         "a verification really ran ({wrong:?})"
     );
+    app.stop().await;
+}
+
+async fn throttle_rows_untouched_for_a_day_are_swept_and_running_delays_kept(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.bcrypt_cost = 4).await;
+    app.register("kim").await;
+    for name in ["ghost", "kim", "locked", "fresh"] {
+        assert_code(
+            login_as(&app, name, "wrong password", None).await,
+            Code::Unauthenticated,
+        );
+    }
+    let rows = || app.count("SELECT COUNT(*) + $1 FROM login_account_throttle", 0);
+    let addresses = || app.count("SELECT COUNT(*) + $1 FROM login_address_throttle", 0);
+    assert_eq!(rows().await, 4, "one row per name, known or not");
+    assert_eq!(addresses().await, 1);
+    // A day and an hour pass for all but "fresh"; "locked" still has a delay running.
+    let day = 25 * 3_600 * 1_000_000_i64;
+    app.execute(
+        "UPDATE login_account_throttle SET last_failure_at = last_failure_at - $1 \
+         WHERE account_key <> 'name:fresh'",
+        day,
+    )
+    .await;
+    app.execute(
+        "UPDATE login_account_throttle SET locked_until = last_failure_at + 2 * $1 \
+         WHERE account_key = 'name:locked'",
+        day,
+    )
+    .await;
+    app.execute(
+        "UPDATE login_address_throttle SET window_start = window_start - $1",
+        day,
+    )
+    .await;
+
+    let swept = app
+        .state
+        .throttle
+        .sweep(ai_message::domain::Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(swept, 3, "ghost, kim and the address");
+    assert_eq!(rows().await, 2);
+    for (key, why) in [
+        ("name:fresh", "a recent failure is remembered"),
+        ("name:locked", "a running delay is never swept"),
+    ] {
+        let sql =
+            format!("SELECT COUNT(*) + $1 FROM login_account_throttle WHERE account_key = '{key}'");
+        assert_eq!(app.count(&sql, 0).await, 1, "{why}");
+    }
+    assert_eq!(addresses().await, 0);
     app.stop().await;
 }

@@ -1,0 +1,1 @@
+ALTER TABLE login_account_throttle DROP COLUMN last_failure_at;
