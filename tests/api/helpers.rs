@@ -124,19 +124,30 @@ enum RawConnection {
     Postgres(sqlx::PgConnection),
 }
 
+/// Evaluates `$body` with `$c` bound to the `&mut` connection of either backend.
+macro_rules! on_connection {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            RawConnection::Sqlite($c) => $body,
+            RawConnection::Postgres($c) => $body,
+        }
+    };
+}
+
+impl RawConnection {
+    async fn execute_raw(&mut self, sql: &'static str) {
+        on_connection!(self, c => {
+            sqlx::raw_sql(sql).execute(&mut *c).await.unwrap();
+        })
+    }
+}
+
 /// A write lock taken by [`TestApp::hold_users_write_lock`].
 pub struct WriteLock(RawConnection);
 
 impl WriteLock {
-    pub async fn release(self) {
-        match self.0 {
-            RawConnection::Sqlite(mut conn) => {
-                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
-            }
-            RawConnection::Postgres(mut conn) => {
-                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
-            }
-        }
+    pub async fn release(mut self) {
+        self.0.execute_raw("ROLLBACK").await;
     }
 }
 
@@ -289,6 +300,13 @@ impl TestApp {
     }
 
     /// Registers `username` as a superuser (promoted in the database) and logs in.
+    /// Asserts that neither the access token nor the refresh token of a
+    /// session works any more.
+    pub async fn assert_session_ended(&self, access_token: &str, refresh_token: &str) {
+        assert_code(self.get_me(access_token).await, Code::Unauthenticated);
+        assert_code(self.refresh(refresh_token).await, Code::Unauthenticated);
+    }
+
     pub async fn superuser(&self, username: &str) -> LoggedIn {
         let user = self.register(username).await;
         self.state
@@ -327,52 +345,29 @@ impl TestApp {
     /// Runs one statement (with `$1` bound to `id`) directly on the database.
     pub async fn execute(&self, sql: &str, id: i64) {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
-        match self.raw_connection().await {
-            RawConnection::Sqlite(mut conn) => {
-                sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
-            }
-            RawConnection::Postgres(mut conn) => {
-                sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
-            }
-        }
+        on_connection!(&mut self.raw_connection().await, c => {
+            sqlx::query(sql).bind(id).execute(&mut *c).await.unwrap();
+        })
     }
 
     /// Runs one `SELECT COUNT(*) ...` (with `$1` bound to `id`) directly on the database.
     pub async fn count(&self, sql: &str, id: i64) -> i64 {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
-        match self.raw_connection().await {
-            RawConnection::Sqlite(mut conn) => sqlx::query_scalar(sql)
-                .bind(id)
-                .fetch_one(&mut conn)
-                .await
-                .unwrap(),
-            RawConnection::Postgres(mut conn) => sqlx::query_scalar(sql)
-                .bind(id)
-                .fetch_one(&mut conn)
-                .await
-                .unwrap(),
-        }
+        on_connection!(&mut self.raw_connection().await, c => {
+            sqlx::query_scalar(sql).bind(id).fetch_one(&mut *c).await.unwrap()
+        })
     }
 
     /// Takes the database's write lock on the `users` table behind the server's
     /// back, so that profile writes wait until the returned guard is released.
     pub async fn hold_users_write_lock(&self) -> WriteLock {
         let mut conn = self.raw_connection().await;
-        match &mut conn {
-            RawConnection::Sqlite(conn) => {
-                sqlx::raw_sql("BEGIN IMMEDIATE")
-                    .execute(conn)
-                    .await
-                    .unwrap();
-            }
-            RawConnection::Postgres(conn) => {
-                // EXCLUSIVE blocks writers but still lets readers in, like SQLite's lock.
-                sqlx::raw_sql("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE")
-                    .execute(conn)
-                    .await
-                    .unwrap();
-            }
-        }
+        conn.execute_raw(match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            // EXCLUSIVE blocks writers but still lets readers in, like SQLite's lock.
+            Backend::Postgres => "BEGIN; LOCK TABLE users IN EXCLUSIVE MODE",
+        })
+        .await;
         WriteLock(conn)
     }
 

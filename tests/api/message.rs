@@ -93,6 +93,21 @@ async fn conversations(
         .into_inner()
 }
 
+async fn get_message(
+    app: &TestApp,
+    who: &LoggedIn,
+    message_id: i64,
+) -> Result<proto::Message, Status> {
+    app.messages
+        .clone()
+        .get_message(with_bearer(
+            proto::GetMessageRequest { message_id },
+            &who.access_token,
+        ))
+        .await
+        .map(|r| r.into_inner().message.unwrap())
+}
+
 async fn mark_read(app: &TestApp, who: &LoggedIn, ids: Vec<i64>) -> Result<i32, Status> {
     app.messages
         .clone()
@@ -158,46 +173,11 @@ async fn sender_and_recipient_see_a_message_and_a_stranger_gets_not_found_everyw
     );
     assert!(!sent.is_read && sent.read_at.is_none() && sent.created_at.is_some());
     for reader in [&ann, &bob] {
-        let got = app
-            .messages
-            .clone()
-            .get_message(with_bearer(
-                proto::GetMessageRequest {
-                    message_id: sent.id,
-                },
-                &reader.access_token,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .message
-            .unwrap();
+        let got = get_message(&app, reader, sent.id).await.unwrap();
         assert_eq!(got, sent);
     }
-    let hidden = assert_code(
-        app.messages
-            .clone()
-            .get_message(with_bearer(
-                proto::GetMessageRequest {
-                    message_id: sent.id,
-                },
-                &eve.access_token,
-            ))
-            .await,
-        Code::NotFound,
-    );
-    let missing = assert_code(
-        app.messages
-            .clone()
-            .get_message(with_bearer(
-                proto::GetMessageRequest {
-                    message_id: 987_654,
-                },
-                &eve.access_token,
-            ))
-            .await,
-        Code::NotFound,
-    );
+    let hidden = assert_code(get_message(&app, &eve, sent.id).await, Code::NotFound);
+    let missing = assert_code(get_message(&app, &eve, 987_654).await, Code::NotFound);
     assert_eq!(hidden.message(), missing.message());
     assert_eq!(
         assert_code(delete(&app, &eve, sent.id).await, Code::NotFound).message(),
@@ -229,20 +209,7 @@ async fn sender_and_recipient_see_a_message_and_a_stranger_gets_not_found_everyw
             .conversations
             .is_empty()
     );
-    let still = app
-        .messages
-        .clone()
-        .get_message(with_bearer(
-            proto::GetMessageRequest {
-                message_id: sent.id,
-            },
-            &bob.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .message
-        .unwrap();
+    let still = get_message(&app, &bob, sent.id).await.unwrap();
     assert!(!still.is_read, "the stranger's MarkRead changed nothing");
     app.stop().await;
 }
@@ -647,35 +614,9 @@ async fn mark_read_counts_only_the_callers_unread_received_messages(backend: Bac
         1,
         "already read is not counted"
     );
-    let now_read = app
-        .messages
-        .clone()
-        .get_message(with_bearer(
-            proto::GetMessageRequest {
-                message_id: received.id,
-            },
-            &bob.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .message
-        .unwrap();
+    let now_read = get_message(&app, &bob, received.id).await.unwrap();
     assert!(now_read.is_read && now_read.read_at.is_some());
-    let untouched = app
-        .messages
-        .clone()
-        .get_message(with_bearer(
-            proto::GetMessageRequest {
-                message_id: sent.id,
-            },
-            &bob.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .message
-        .unwrap();
+    let untouched = get_message(&app, &bob, sent.id).await.unwrap();
     assert!(
         !untouched.is_read,
         "the sender cannot mark the recipient's copy read"
