@@ -219,14 +219,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     }));
     let idle_rss = peak_rss_mib();
 
-    let mut channels = Vec::new();
-    for _ in 0..options.connections.max(1) {
-        channels.push(
-            Channel::from_shared(format!("http://127.0.0.1:{port}"))?
-                .connect()
-                .await?,
-        );
-    }
+    let channels = connect_many(port, options.connections.max(1)).await?;
     let channel = |worker: usize| channels[worker % channels.len()].clone();
     let mut auth = AuthServiceClient::new(channel(0));
     let password = "benchmark passphrase 1";
@@ -643,7 +636,7 @@ async fn mint_users(
     Ok(users)
 }
 
-/// `count` connections to the server, each able to carry 256 streams.
+/// `count` HTTP/2 connections to the server.
 async fn connect_many(port: u16, count: usize) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::with_capacity(count);
     for _ in 0..count {

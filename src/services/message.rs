@@ -317,7 +317,7 @@ impl MessageApi {
             return None;
         }
         let session_ended = || Status::unauthenticated("the session has ended; log in again");
-        let state = Arc::clone(&feed.state);
+        let state = &feed.state;
         let (session_id, user_id) = (feed.session_id, feed.user_id);
         let ending = loop {
             tokio::select! {
