@@ -170,8 +170,17 @@ pub struct TransportLimits {
     /// PINGs that find dead peers (also TCP keepalive).
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
-    /// `AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT`: a client must finish TLS within this.
-    pub tls_handshake_timeout: Duration,
+    /// `AI_MESSAGE_HANDSHAKE_TIMEOUT` (formerly `AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT`,
+    /// still read): from accept, a connection must finish TLS and send its
+    /// first request within this, or it is closed.
+    pub handshake_timeout: Duration,
+    /// `AI_MESSAGE_CONNECTION_IDLE_TIMEOUT`: a connection with no call in
+    /// progress for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+    /// `AI_MESSAGE_MAX_CONNECTIONS`: open connections at most; one more is closed at once.
+    pub max_connections: usize,
+    /// `AI_MESSAGE_SHUTDOWN_GRACE`: the longest a shutdown waits for running calls.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for TransportLimits {
@@ -182,7 +191,10 @@ impl Default for TransportLimits {
             max_header_list_bytes: 16 * 1024,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
-            tls_handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5 * 60),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -330,10 +342,21 @@ impl Config {
                 "AI_MESSAGE_KEEPALIVE_TIMEOUT",
                 defaults.keepalive_timeout,
             )?,
-            tls_handshake_timeout: duration(
-                "AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT",
-                defaults.tls_handshake_timeout,
+            handshake_timeout: duration(
+                "AI_MESSAGE_HANDSHAKE_TIMEOUT",
+                duration(
+                    "AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT",
+                    defaults.handshake_timeout,
+                )?,
             )?,
+            idle_timeout: duration("AI_MESSAGE_CONNECTION_IDLE_TIMEOUT", defaults.idle_timeout)?,
+            max_connections: parse_number(
+                get("AI_MESSAGE_MAX_CONNECTIONS"),
+                "AI_MESSAGE_MAX_CONNECTIONS",
+                defaults.max_connections,
+                1..=10_000_000,
+            )?,
+            shutdown_grace: duration("AI_MESSAGE_SHUTDOWN_GRACE", defaults.shutdown_grace)?,
         };
         Ok(Self {
             transport,

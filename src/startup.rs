@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore as _;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::service::{Routes, interceptor::InterceptedService};
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -15,6 +15,7 @@ use crate::{
         BearerInterceptor, PasswordHasher, TokenService, cache::SessionCache, throttle::Throttle,
     },
     config::{Config, DatabaseTarget, redact_password},
+    connections::{self, ConnectionLimits},
     events::EventHub,
     proto::{
         self, auth_service_server::AuthServiceServer, message_service_server::MessageServiceServer,
@@ -26,7 +27,7 @@ use crate::{
         auth::AuthApi,
         health,
         message::MessageApi,
-        middleware::{CallLogLayer, LoadShedLayer},
+        middleware::{CallLimitsLayer, CallLogLayer, LoadShedLayer},
         session::SessionApi,
         user_admin::UserAdminApi,
     },
@@ -116,6 +117,7 @@ impl Application {
                 "AI_MESSAGE_BCRYPT_COST is below 10: passwords are cheap to crack"
             );
         }
+        connections::raise_open_file_limit();
         let db = connect_database(&config.database).await?;
         db.migrate()
             .await
@@ -227,93 +229,80 @@ impl Application {
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
         let limits = &config.transport;
-        let mut builder = Server::builder()
-            .timeout(limits.request_timeout)
-            .max_concurrent_streams(limits.max_streams_per_connection)
-            .http2_max_header_list_size(limits.max_header_list_bytes)
-            .http2_keepalive_interval(Some(limits.keepalive_interval))
-            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .tcp_keepalive(Some(limits.keepalive_interval))
-            // Bounds on HTTP/2 reset floods (CVE-2023-44487 "rapid reset" and kin).
-            .http2_max_pending_accept_reset_streams(Some(100))
-            .http2_max_local_error_reset_streams(Some(1024));
-        if let Some(tls) = &config.tls {
-            let cert = std::fs::read(&tls.cert).with_context(|| {
-                format!("AI_MESSAGE_SSL_CERT: cannot read {}", tls.cert.display())
-            })?;
-            let key = std::fs::read(&tls.key).with_context(|| {
-                format!("AI_MESSAGE_SSL_KEY: cannot read {}", tls.key.display())
-            })?;
-            builder = builder
-                .tls_config(
-                    ServerTlsConfig::new()
-                        .identity(Identity::from_pem(cert, key))
-                        .timeout(limits.tls_handshake_timeout),
-                )
-                .context("AI_MESSAGE_SSL_CERT: invalid certificate or key")?;
-        }
-        let (reflection_v1, reflection_v1alpha) = if config.reflection {
-            (
+        let tls = match &config.tls {
+            None => None,
+            Some(tls) => {
+                let cert = std::fs::read(&tls.cert).with_context(|| {
+                    format!("AI_MESSAGE_SSL_CERT: cannot read {}", tls.cert.display())
+                })?;
+                let key = std::fs::read(&tls.key).with_context(|| {
+                    format!("AI_MESSAGE_SSL_KEY: cannot read {}", tls.key.display())
+                })?;
                 Some(
+                    connections::tls_acceptor(&cert, &key)
+                        .context("AI_MESSAGE_SSL_CERT: invalid certificate or key")?,
+                )
+            }
+        };
+        let mut routes = Routes::builder();
+        routes.add_service(health_service);
+        if config.reflection {
+            routes
+                .add_service(
                     tonic_reflection::server::Builder::configure()
                         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                         .build_v1()?,
-                ),
-                Some(
+                )
+                .add_service(
                     tonic_reflection::server::Builder::configure()
                         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                         .build_v1alpha()?,
-                ),
-            )
-        } else {
-            (None, None)
-        };
-
-        let router = builder
+                );
+        }
+        routes
+            .add_service(InterceptedService::new(auth, optional))
+            .add_service(InterceptedService::new(user_admin, required.clone()))
+            .add_service(InterceptedService::new(session, required.clone()))
+            .add_service(InterceptedService::new(message, required));
+        let service = tower::ServiceBuilder::new()
             .layer(CallLogLayer)
+            .layer(CallLimitsLayer {
+                max_header_list_bytes: limits.max_header_list_bytes as usize,
+                request_timeout: limits.request_timeout,
+            })
             .layer(state.call_slots.clone())
-            .add_service(health_service)
-            .add_optional_service(reflection_v1)
-            .add_optional_service(reflection_v1alpha)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                auth, optional,
-            ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                user_admin,
-                required.clone(),
-            ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                session,
-                required.clone(),
-            ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                message, required,
-            ));
-
-        let scheme = if config.tls.is_some() {
-            "TLS"
-        } else {
-            "plaintext"
+            .service(routes.routes().prepare());
+        let connection_limits = ConnectionLimits {
+            handshake_timeout: limits.handshake_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_connections: limits.max_connections,
+            shutdown_grace: limits.shutdown_grace,
+            max_streams_per_connection: limits.max_streams_per_connection,
+            // Four times the contract's limit, which `CallLimits` enforces
+            // with a gRPC status; beyond this HTTP/2 itself refuses.
+            h2_max_header_list_bytes: limits.max_header_list_bytes.saturating_mul(4),
+            keepalive_interval: limits.keepalive_interval,
+            keepalive_timeout: limits.keepalive_timeout,
         };
+
+        let scheme = if tls.is_some() { "TLS" } else { "plaintext" };
         tracing::info!(%address, scheme, "serving gRPC");
         let reporter = health_reporter.clone();
         let on_shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: reporting NOT_SERVING, finishing in-flight calls");
-            let _ = stop_tx.send(true);
             health::set_all(&reporter, ServingStatus::NotServing).await;
+            let _ = stop_tx.send(true);
         };
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let served = router
-            .serve_with_incoming_shutdown(incoming, on_shutdown)
-            .await;
+        connections::serve(listener, tls, service, connection_limits, on_shutdown).await;
         for task in background {
             let _ = task.await;
         }
         state.db.close().await;
-        served.context("the gRPC server failed")
+        tracing::info!("stopped");
+        Ok(())
     }
 }
 

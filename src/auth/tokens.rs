@@ -26,6 +26,10 @@ struct AccessClaims {
     aud: String,
     /// Unique per token, so two tokens minted in the same second differ.
     jti: String,
+    /// Never written by this server; a token carrying one in the future is
+    /// not valid yet (RFC 7519 4.1.5), checked against the caller's `now`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<i64>,
 }
 
 /// What a verified access token says: checked for form, signature and expiry,
@@ -98,6 +102,7 @@ impl TokenService {
             iss: self.issuer.clone(),
             aud: AUDIENCE.to_owned(),
             jti: URL_SAFE_NO_PAD.encode(jti),
+            nbf: None,
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.encoding_key)?;
         Ok((token, expires_at))
@@ -108,10 +113,15 @@ impl TokenService {
         let data =
             jsonwebtoken::decode::<AccessClaims>(token, &self.decoding_key, &self.validation)
                 .map_err(|_| TokenError::Invalid)?;
-        if data.header.typ.as_deref() != Some(ACCESS_TOKEN_TYPE) {
+        // No critical extension is understood, so a token naming any is refused
+        // (RFC 7515 4.1.11).
+        if data.header.typ.as_deref() != Some(ACCESS_TOKEN_TYPE) || data.header.crit.is_some() {
             return Err(TokenError::Invalid);
         }
         let claims = data.claims;
+        if claims.nbf.is_some_and(|nbf| now.seconds() < nbf) {
+            return Err(TokenError::Invalid);
+        }
         let user_id = parse_id(&claims.sub)?;
         let session_id = parse_id(&claims.sid)?;
         if now.seconds() >= claims.exp {

@@ -1,7 +1,12 @@
-//! A tower layer around every gRPC call: one log line per call with method,
-//! status code and latency, and two corrections to tonic's codes the contract
-//! asks for (an oversized request is RESOURCE_EXHAUSTED, not OUT_OF_RANGE; an
-//! undecodable one is INVALID_ARGUMENT, not INTERNAL).
+//! Tower layers around every gRPC call:
+//! - `CallLog`: a log line per call with method, status code and latency (at
+//!   `info` for failures, `debug` for successes), and three corrections to
+//!   tonic's codes the contract asks for (an oversized request is
+//!   RESOURCE_EXHAUSTED, not OUT_OF_RANGE; an undecodable one, or one with no
+//!   request message, is INVALID_ARGUMENT, not INTERNAL);
+//! - `CallLimits`: metadata over the configured size is RESOURCE_EXHAUSTED as a
+//!   gRPC status, and a call's headers must come back before its deadline;
+//! - `LoadShed`: unary calls beyond the concurrency limit are refused at once.
 
 use std::{
     pin::Pin,
@@ -58,15 +63,21 @@ where
             let mut response = inner.call(request).await?;
             let code = correct_status(response.headers_mut());
             let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-            tracing::info!(target: "ai_message::call", %method, code = ?code, latency_ms, "call");
+            // One line per failed call at the default level; per call at debug.
+            if code == Code::Ok {
+                tracing::debug!(target: "ai_message::call", %method, code = ?code, latency_ms, "call");
+            } else {
+                tracing::info!(target: "ai_message::call", %method, code = ?code, latency_ms, "call");
+            }
             Ok(response)
         })
     }
 }
 
 /// Words of tonic's own messages for requests it could not decode
-/// (protobuf errors, bad framing or compression flags, truncated bodies).
-const CODEC_WORDS: [&str; 4] = ["decod", "protocol", "decompress", "EOF"];
+/// (protobuf errors, bad framing or compression flags, truncated bodies, a
+/// body with no message at all).
+const CODEC_WORDS: [&str; 5] = ["decod", "protocol", "decompress", "EOF", "Missing"];
 
 /// Rewrites the two codes tonic picks itself for undecodable or oversized
 /// requests, and returns the call's code as sent in the headers (a unary
@@ -90,6 +101,9 @@ fn correct_status(headers: &mut HeaderMap) -> Code {
             Code::ResourceExhausted,
             "request message is larger than the server accepts",
         )),
+        Code::Internal if message.contains("Missing") => {
+            Some((Code::InvalidArgument, "the call carries no request message"))
+        }
         Code::Internal if CODEC_WORDS.iter().any(|word| message.contains(word)) => Some((
             Code::InvalidArgument,
             "request message could not be decoded",
@@ -131,6 +145,40 @@ mod tests {
         let mut h = headers(Code::Internal, "failed%20to%20decode%20Protobuf%20message");
         assert_eq!(correct_status(&mut h), Code::InvalidArgument);
         assert_eq!(h["grpc-status"], "3");
+    }
+
+    #[test]
+    fn a_call_without_a_request_message_is_invalid_argument() {
+        let mut h = headers(Code::Internal, "Missing%20request%20message.");
+        assert_eq!(correct_status(&mut h), Code::InvalidArgument);
+        assert_eq!(h["grpc-status"], "3");
+    }
+
+    #[test]
+    fn header_list_size_counts_pseudo_headers_and_32_bytes_per_field() {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://h/p")
+            .header("ab", "cd")
+            .body(())
+            .unwrap();
+        // :method POST, :scheme http, :authority h, :path /p, ab: cd
+        let expected = (7 + 4) + (7 + 4) + (10 + 1) + (5 + 2) + (2 + 2) + 5 * 32;
+        assert_eq!(header_list_size(&request), expected);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        use std::time::Duration;
+        assert_eq!(grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(grpc_timeout("123456789S"), None, "at most 8 digits");
+        assert_eq!(grpc_timeout("S"), None);
+        assert_eq!(grpc_timeout("5x"), None);
     }
 
     #[test]
@@ -235,6 +283,127 @@ where
             let response = inner.call(request).await;
             drop(permit);
             response
+        })
+    }
+}
+
+/// Per-call limits that need the request head: metadata over
+/// `max_header_list_bytes` is refused with RESOURCE_EXHAUSTED (HTTP/2 itself
+/// is set to four times that, so that gRPC clients get a status rather than a
+/// bare HTTP 431), and the answer's headers must arrive within the call's
+/// deadline: the server's `request_timeout`, or the client's `grpc-timeout`
+/// when that is shorter. A stream's body is not cut by the deadline.
+#[derive(Clone, Copy)]
+pub struct CallLimitsLayer {
+    pub max_header_list_bytes: usize,
+    pub request_timeout: std::time::Duration,
+}
+
+impl<S> Layer<S> for CallLimitsLayer {
+    type Service = CallLimits<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallLimits {
+            inner,
+            limits: *self,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallLimits<S> {
+    inner: S,
+    limits: CallLimitsLayer,
+}
+
+/// The size HTTP/2 gives a header list (RFC 9113 6.5.2): every field's name
+/// and value plus 32 bytes each, pseudo-header fields included.
+fn header_list_size<B>(request: &http::Request<B>) -> usize {
+    const PER_FIELD: usize = 32;
+    let uri = request.uri();
+    let pseudo = [
+        (":method", request.method().as_str().len()),
+        (":scheme", uri.scheme_str().unwrap_or("http").len()),
+        (
+            ":authority",
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path",
+            uri.path_and_query().map_or(1, |p| p.as_str().len()),
+        ),
+    ];
+    let pseudo: usize = pseudo
+        .iter()
+        .map(|(name, value)| name.len() + value + PER_FIELD)
+        .sum();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + PER_FIELD)
+        .sum();
+    pseudo + fields
+}
+
+/// A `grpc-timeout` value: at most 8 digits and one unit (H, M, S, m, u, n).
+fn grpc_timeout(text: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallLimits<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        if header_list_size(&request) > self.limits.max_header_list_bytes {
+            let status = tonic::Status::resource_exhausted(format!(
+                "request metadata is larger than {} bytes",
+                self.limits.max_header_list_bytes
+            ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(grpc_timeout)
+            .map_or(self.limits.request_timeout, |asked| {
+                asked.min(self.limits.request_timeout)
+            });
+        Box::pin(async move {
+            match tokio::time::timeout(deadline, inner.call(request)).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(
+                    "the call did not finish before its deadline",
+                )
+                .into_http()),
+            }
         })
     }
 }
