@@ -46,9 +46,14 @@ impl BearerInterceptor {
     }
 
     fn inspect(&self, metadata: &MetadataMap) -> BearerOutcome {
-        let Some(value) = metadata.get("authorization") else {
+        let mut entries = metadata.get_all("authorization").iter();
+        let Some(value) = entries.next() else {
             return BearerOutcome::Missing;
         };
+        // Two credentials: a proxy may have authorized the other one.
+        if entries.next().is_some() {
+            return BearerOutcome::Rejected;
+        }
         let Some(token) = value.to_str().ok().and_then(bearer_token) else {
             return BearerOutcome::Rejected;
         };
@@ -137,6 +142,26 @@ mod tests {
         assert!(
             matches!(outcome, Some(BearerOutcome::Verified(t)) if t.user_id == 3 && t.session_id == 9)
         );
+    }
+
+    #[test]
+    fn two_authorization_entries_are_refused_even_when_both_are_good() {
+        let tokens = Arc::new(TokenService::new(
+            &[7; 32],
+            "localhost",
+            Duration::from_secs(60),
+        ));
+        let now = Timestamp::now();
+        let (good, _) = tokens
+            .issue_access(3, 9, now, now.plus(Duration::from_secs(3600)))
+            .unwrap();
+        let mut request = request_with(Some(&format!("Bearer {good}")));
+        request
+            .metadata_mut()
+            .append("authorization", format!("Bearer {good}").parse().unwrap());
+        let mut interceptor = BearerInterceptor::required(tokens);
+        let refused = interceptor.call(request).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

@@ -50,7 +50,8 @@ impl From<sqlx::Error> for StorageError {
     }
 }
 
-/// Connection-level failures, which clients should retry, as opposed to bugs.
+/// Failures a retry can resolve (the database unreachable, busy, out of space
+/// or read-only), as opposed to bugs.
 fn is_unavailable(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
@@ -60,19 +61,32 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // PostgreSQL: connection exceptions (08), shutdown and crash (57P0x),
-            // too many connections (53300), deadlock (40P01) and serialization
-            // failure (40001), which a retry resolves. SQLite: BUSY (5), LOCKED (6).
-            code.starts_with("08")
-                || code.starts_with("57P")
-                || code == "53300"
-                || code == "40P01"
-                || code == "40001"
-                || code == "5"
-                || code == "6"
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // Extended result codes; the primary code is the low byte.
+                let primary = code.parse::<i32>().unwrap_or_default() & 0xff;
+                return sqlite_unavailable(primary);
+            }
+            postgres_unavailable(&code)
         }
         _ => false,
     }
+}
+
+/// SQLite: BUSY (5), LOCKED (6), NOMEM (7), READONLY (8), IOERR (10),
+/// FULL (13), CANTOPEN (14).
+fn sqlite_unavailable(primary: i32) -> bool {
+    matches!(primary, 5 | 6 | 7 | 8 | 10 | 13 | 14)
+}
+
+/// PostgreSQL: connection exceptions (08), insufficient resources such as a
+/// full disk (53), shutdown and crash (57P), a read-only transaction (25006,
+/// a standby), I/O errors (58030), deadlock (40P01) and serialization failure
+/// (40001).
+fn postgres_unavailable(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || matches!(code, "25006" | "58030" | "40P01" | "40001")
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -18,8 +18,11 @@ use super::{Database, MigrationState, Result, migrations, page_cache::PageCache}
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A write behind a lock held by another process answers UNAVAILABLE within
+/// the contract's 5 s: waiting for our writer connection, then for the file's
+/// lock, each stop short of it.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(4500);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(4500);
 const READERS: u32 = 8;
 
 pub struct SqliteStore {
@@ -62,6 +65,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_release(|conn, _| Box::pin(leaves_no_transaction_open(conn)))
             .connect_with(options.clone())
             .await?;
         let reader = SqlitePoolOptions::new()
@@ -91,6 +95,32 @@ impl SqliteStore {
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         self.writer.begin_with("BEGIN IMMEDIATE").await
     }
+}
+
+/// Whether a writer connection coming back to its pool may be used again.
+///
+/// After a failed COMMIT (SQLITE_FULL, SQLITE_IOERR) SQLite may already have
+/// rolled the transaction back itself; the ROLLBACK that sqlx then sends fails,
+/// and sqlx goes on counting the connection as inside a transaction, so every
+/// later `BEGIN` on it would fail until a restart. Such a connection is closed
+/// and the pool opens a fresh one on the next write.
+async fn leaves_no_transaction_open(
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection as _;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    // A dropped transaction's ROLLBACK may still be queued on the connection's
+    // worker: a ping behind it tells whether it worked.
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::warn!(
+            "the SQLite writer connection is stuck in a failed transaction; replacing it"
+        );
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 impl_repositories!(SqliteStore, Sqlite);

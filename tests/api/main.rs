@@ -8,6 +8,7 @@
 mod helpers;
 mod auth;
 mod cli;
+mod faults;
 mod fuzz;
 mod hardening;
 mod logs;
