@@ -6,6 +6,11 @@
 //! one process). Each user has a bounded channel: a subscriber that falls
 //! more than `USER_CHANNEL_CAPACITY` events behind is told it lagged instead
 //! of holding others back or growing memory.
+//!
+//! While the database's event channel is down (its listening connection
+//! broke or went silent), events from other instances are being missed: new
+//! subscriptions are refused and open ones are told, so that no stream goes
+//! on as if nothing were missing.
 
 use std::{
     collections::HashMap,
@@ -13,7 +18,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::{
     auth::cache::SessionCache,
@@ -65,14 +70,29 @@ pub struct EventHub {
     remote: Option<Arc<dyn EventChannel>>,
     /// Forgets users that another instance changed.
     sessions: Arc<SessionCache>,
+    /// Whether every event of every instance reaches this hub right now:
+    /// always without a remote channel, else as its listener reports.
+    connected: watch::Sender<bool>,
 }
+
+/// The event channel is down: a subscription now would miss events silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the event channel is down")]
+pub struct ChannelDown;
 
 /// A user's subscription; dropping it removes the user's channel once no
 /// stream listens to it any more.
 pub struct Subscription {
     pub receiver: broadcast::Receiver<Arc<HubEvent>>,
+    /// The hub's `connected`, to end the stream when the channel goes down.
+    pub connected: watch::Receiver<bool>,
     hub: Arc<EventHub>,
     user_id: i64,
+}
+
+/// Resolves once the event channel `connected` follows is down.
+pub async fn channel_lost(connected: &mut watch::Receiver<bool>) {
+    let _ = connected.wait_for(|connected| !connected).await;
 }
 
 impl Drop for Subscription {
@@ -89,11 +109,23 @@ impl Drop for Subscription {
 
 impl EventHub {
     pub fn new(remote: Option<Arc<dyn EventChannel>>, sessions: Arc<SessionCache>) -> Arc<Self> {
+        let (connected, _) = watch::channel(remote.is_none());
         Arc::new(Self {
             channels: Mutex::new(HashMap::new()),
             remote,
             sessions,
+            connected,
         })
+    }
+
+    /// Where the listener of the remote channel reports its state.
+    pub fn connection_reporter(&self) -> watch::Sender<bool> {
+        self.connected.clone()
+    }
+
+    /// Follows whether the event channel is up (for health).
+    pub fn connection_state(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, broadcast::Sender<Arc<HubEvent>>>> {
@@ -103,18 +135,25 @@ impl EventHub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Subscribes to the user's events from now on.
-    pub fn subscribe(self: &Arc<Self>, user_id: i64) -> Subscription {
+    /// Subscribes to the user's events from now on, unless the event channel
+    /// is down. Subscribed first, checked second: a channel that goes down
+    /// in between is seen by the subscription's `connected`.
+    pub fn subscribe(self: &Arc<Self>, user_id: i64) -> Result<Subscription, ChannelDown> {
         let receiver = self
             .lock()
             .entry(user_id)
             .or_insert_with(|| broadcast::channel(USER_CHANNEL_CAPACITY).0)
             .subscribe();
-        Subscription {
+        let subscription = Subscription {
             receiver,
+            connected: self.connected.subscribe(),
             hub: Arc::clone(self),
             user_id,
+        };
+        if !*subscription.connected.borrow() {
+            return Err(ChannelDown);
         }
+        Ok(subscription)
     }
 
     /// Sends the event to every instance (or just this one, without a channel).
@@ -186,9 +225,9 @@ mod tests {
     #[tokio::test]
     async fn events_reach_sender_and_recipient_and_nobody_else() {
         let hub = EventHub::new(None, Default::default());
-        let mut sender = hub.subscribe(1);
-        let mut recipient = hub.subscribe(2);
-        let mut stranger = hub.subscribe(3);
+        let mut sender = hub.subscribe(1).unwrap();
+        let mut recipient = hub.subscribe(2).unwrap();
+        let mut stranger = hub.subscribe(3).unwrap();
         hub.publish(HubEvent::Message {
             change: MessageChange::Created,
             message: message(1, 2),
@@ -202,7 +241,7 @@ mod tests {
     #[tokio::test]
     async fn a_note_to_oneself_arrives_once() {
         let hub = EventHub::new(None, Default::default());
-        let mut me = hub.subscribe(1);
+        let mut me = hub.subscribe(1).unwrap();
         hub.publish(HubEvent::Message {
             change: MessageChange::Created,
             message: message(1, 1),
@@ -215,7 +254,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_subscriber_is_told_it_lagged() {
         let hub = EventHub::new(None, Default::default());
-        let mut slow = hub.subscribe(1);
+        let mut slow = hub.subscribe(1).unwrap();
         for _ in 0..=USER_CHANNEL_CAPACITY {
             hub.publish(HubEvent::UserChanged { user_id: 1 }).await;
         }
@@ -228,13 +267,24 @@ mod tests {
     #[test]
     fn channels_go_away_with_their_last_subscriber() {
         let hub = EventHub::new(None, Default::default());
-        let first = hub.subscribe(7);
-        let second = hub.subscribe(7);
+        let first = hub.subscribe(7).unwrap();
+        let second = hub.subscribe(7).unwrap();
         assert_eq!(hub.subscribed_users(), 1);
         drop(first);
         assert_eq!(hub.subscribed_users(), 1);
         drop(second);
         assert_eq!(hub.subscribed_users(), 0);
+    }
+
+    #[test]
+    fn no_subscription_while_the_channel_is_down_and_open_ones_are_told() {
+        let hub = EventHub::new(None, Default::default());
+        let open = hub.subscribe(1).unwrap();
+        hub.connection_reporter().send_replace(false);
+        assert!(!*open.connected.borrow());
+        assert_eq!(hub.subscribe(2).err(), Some(ChannelDown));
+        hub.connection_reporter().send_replace(true);
+        assert!(hub.subscribe(2).is_ok());
     }
 
     #[test]
@@ -244,7 +294,7 @@ mod tests {
             message: message(4, 5),
         };
         let hub = EventHub::new(None, Default::default());
-        let mut recipient = hub.subscribe(5);
+        let mut recipient = hub.subscribe(5).unwrap();
         hub.deliver_payload(&serde_json::to_string(&event).unwrap());
         assert_eq!(*recipient.receiver.try_recv().unwrap(), event);
     }

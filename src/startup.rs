@@ -27,7 +27,7 @@ use crate::{
         auth::AuthApi,
         health,
         message::MessageApi,
-        middleware::{CallLimitsLayer, CallLogLayer, LoadShedLayer},
+        middleware::{CallLimitsLayer, CallLogLayer, FailFastLayer, LoadShedLayer},
         session::SessionApi,
         user_admin::UserAdminApi,
     },
@@ -149,7 +149,7 @@ impl Application {
                 let deliver = Arc::new(move |payload: String| hub.deliver_payload(&payload));
                 Some(
                     channel
-                        .start_listener(deliver, stop_rx.clone())
+                        .start_listener(deliver, events.connection_reporter(), stop_rx.clone())
                         .await
                         .context("DATABASE_URL: cannot LISTEN for stream events")?,
                 )
@@ -172,6 +172,7 @@ impl Application {
                 call_slots: LoadShedLayer::new(config.max_concurrent_calls),
                 config,
                 shutdown: stop_rx,
+                readiness: Arc::default(),
             }),
         })
     }
@@ -202,7 +203,8 @@ impl Application {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         // Every name is registered before the first call can arrive; the probe
         // then keeps them current.
-        let initial = if state.db.ping().await.is_ok() {
+        let initial = if state.db.ping().await.is_ok() && *state.events.connection_state().borrow()
+        {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -214,6 +216,8 @@ impl Application {
         background.push(tokio::spawn(health::probe_database(
             Arc::clone(&state.db),
             health_reporter.clone(),
+            Arc::clone(&state.readiness),
+            state.events.connection_state(),
             stop_tx.subscribe(),
         )));
 
@@ -272,6 +276,7 @@ impl Application {
                 max_header_list_bytes: limits.max_header_list_bytes as usize,
                 request_timeout: limits.request_timeout,
             })
+            .layer(FailFastLayer::new(Arc::clone(&state.readiness)))
             .layer(state.call_slots.clone())
             .service(routes.routes().prepare());
         let connection_limits = ConnectionLimits {

@@ -358,6 +358,12 @@ impl MessageApi {
                 _ = feed.shutdown.changed() => {
                     break Some(Status::unavailable("the server is shutting down; reconnect"));
                 }
+                () = crate::events::channel_lost(&mut feed.subscription.connected) => {
+                    break Some(Status::unavailable(
+                        "real-time events were interrupted and some may be missing; \
+                         list messages to catch up, then subscribe again",
+                    ));
+                }
             }
         };
         feed.ended = true;
@@ -437,8 +443,12 @@ impl MessageService for MessageApi {
         request: Request<proto::StreamMessagesRequest>,
     ) -> Result<Response<BoxStream<proto::StreamMessagesResponse>>, Status> {
         let caller = self.state.authenticate(&request).await?;
-        // Subscribed before the response (and its headers) leaves.
-        let subscription = self.state.events.subscribe(caller.user.id);
+        // Subscribed before the response (and its headers) leaves, and never
+        // while events from other instances could be missing.
+        let subscription =
+            self.state.events.subscribe(caller.user.id).map_err(|_| {
+                Status::unavailable("real-time events are interrupted; retry shortly")
+            })?;
         let now = tokio::time::Instant::now();
         let until_expiry = Duration::from_micros(
             u64::try_from(caller.session_expires_at - Timestamp::now().micros()).unwrap_or(0),

@@ -6,6 +6,8 @@
 //!   request message, is INVALID_ARGUMENT, not INTERNAL);
 //! - `CallLimits`: metadata over the configured size is RESOURCE_EXHAUSTED as a
 //!   gRPC status, and a call's headers must come back before its deadline;
+//! - `FailFast`: while the health probe finds the database unreachable, calls
+//!   that need it are UNAVAILABLE at once rather than after a pool timeout;
 //! - `LoadShed`: unary calls beyond the concurrency limit are refused at once.
 
 use std::{
@@ -405,5 +407,64 @@ where
                 .into_http()),
             }
         })
+    }
+}
+
+/// While the health probe finds the database unreachable, every call but
+/// health and reflection (which need no database) is UNAVAILABLE at once, so
+/// that none holds a call slot for a pool timeout during an outage.
+#[derive(Clone)]
+pub struct FailFastLayer {
+    readiness: std::sync::Arc<super::health::Readiness>,
+}
+
+impl FailFastLayer {
+    pub fn new(readiness: std::sync::Arc<super::health::Readiness>) -> Self {
+        Self { readiness }
+    }
+}
+
+impl<S> Layer<S> for FailFastLayer {
+    type Service = FailFast<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FailFast {
+            inner,
+            readiness: std::sync::Arc::clone(&self.readiness),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FailFast<S> {
+    inner: S,
+    readiness: std::sync::Arc<super::health::Readiness>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for FailFast<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let path = request.uri().path();
+        let needs_no_database =
+            path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.");
+        if !needs_no_database && !self.readiness.database_reachable() {
+            let status = tonic::Status::unavailable("the database is unreachable; retry shortly");
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        Box::pin(inner.call(request))
     }
 }

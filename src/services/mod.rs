@@ -46,6 +46,8 @@ pub struct AppState {
     pub call_slots: middleware::LoadShedLayer,
     /// Turns true when the server begins to shut down; open streams end.
     pub shutdown: watch::Receiver<bool>,
+    /// Whether the health probe last reached the database (calls fail fast when not).
+    pub readiness: Arc<health::Readiness>,
 }
 
 /// `last_used_at` is written at most this often per session (one minute), so

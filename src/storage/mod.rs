@@ -483,10 +483,14 @@ pub trait EventChannel: Send + Sync {
     async fn publish(&self, payload: String) -> Result<()>;
 
     /// Starts listening (connected and subscribed when this returns), then
-    /// hands each payload to `deliver` until `stop` turns true.
+    /// hands each payload to `deliver` until `stop` turns true. `connected`
+    /// is kept current: false as soon as the listening connection is found
+    /// broken or silent (events may have been missed), true again only once
+    /// it is listening anew.
     async fn start_listener(
         &self,
         deliver: Arc<dyn Fn(String) + Send + Sync>,
+        connected: tokio::sync::watch::Sender<bool>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<()>>;
 }

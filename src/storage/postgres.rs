@@ -126,51 +126,111 @@ impl EventChannel for PgEventChannel {
     async fn start_listener(
         &self,
         deliver: Arc<dyn Fn(String) + Send + Sync>,
+        connected: tokio::sync::watch::Sender<bool>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<()>> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen(CHANNEL).await?;
+        let mut listener = listen(&self.pool).await?;
+        connected.send_replace(true);
         let pool = self.pool.clone();
         Ok(tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+            let mut check = tokio::time::interval(LISTENER_CHECK_INTERVAL);
             loop {
-                tokio::select! {
+                let lost = tokio::select! {
                     _ = stop.changed() => return,
                     _ = sweep.tick() => {
-                        let cutoff = now_micros() - STORED_EVENT_LIFETIME_MICROS;
-                        if let Err(error) = sqlx::query("DELETE FROM stream_events WHERE created_at < $1")
-                            .bind(cutoff) // $1
-                            .execute(&pool)
-                            .await
-                        {
-                            tracing::warn!(error = %error, "sweeping stored stream events failed");
-                        }
+                        sweep_stored_events(&pool).await;
+                        false
                     }
-                    received = listener.recv() => match received {
-                        Ok(notification) => {
-                            let payload = notification.payload();
-                            if let Some(inline) = payload.strip_prefix("p:") {
-                                deliver(inline.to_owned());
-                            } else if let Some(id) = payload.strip_prefix("i:").and_then(|id| id.parse::<i64>().ok()) {
-                                match sqlx::query_scalar::<_, String>("SELECT payload FROM stream_events WHERE id = $1")
-                                    .bind(id) // $1
-                                    .fetch_optional(&pool)
-                                    .await
-                                {
-                                    Ok(Some(stored)) => deliver(stored),
-                                    Ok(None) => tracing::warn!(id, "stored stream event already swept"),
-                                    Err(error) => tracing::warn!(error = %error, "reading a stored stream event failed"),
-                                }
-                            }
+                    // A connection that went silent (no error, no data) is
+                    // found by a query on it that gets no answer.
+                    _ = check.tick() => !matches!(
+                        tokio::time::timeout(LISTENER_CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(&mut listener)).await,
+                        Ok(Ok(_))
+                    ),
+                    // `try_recv` answers `None` when the connection broke:
+                    // notifications sent meanwhile are gone.
+                    received = listener.try_recv() => match received {
+                        Ok(Some(notification)) => {
+                            deliver_notification(&pool, notification.payload(), deliver.as_ref()).await;
+                            false
                         }
-                        // PgListener reconnects by itself on the next recv.
-                        Err(error) => {
-                            tracing::warn!(error = %error, "event listener connection lost; reconnecting");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
+                        Ok(None) | Err(_) => true,
                     },
+                };
+                if !lost {
+                    continue;
                 }
+                connected.send_replace(false);
+                tracing::warn!(
+                    "the event listener connection was lost; streams end until it is back"
+                );
+                listener = loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(LISTENER_RETRY) => {}
+                    }
+                    match tokio::time::timeout(LISTENER_CHECK_TIMEOUT, listen(&pool)).await {
+                        Ok(Ok(listener)) => break listener,
+                        Ok(Err(error)) => {
+                            tracing::debug!(error = %error, "event listener not back yet")
+                        }
+                        Err(_) => tracing::debug!("event listener not back yet (timed out)"),
+                    }
+                };
+                connected.send_replace(true);
+                tracing::info!("the event listener is listening again");
             }
         }))
+    }
+}
+
+/// How often the listening connection is checked, and how long the check may
+/// take: a silent connection is noticed within 10 s (the contract: 15 s).
+const LISTENER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+const LISTENER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+const LISTENER_RETRY: Duration = Duration::from_millis(250);
+
+/// A listener on its own connection, subscribed when this returns. It never
+/// reconnects by itself: a lost connection must be seen, not papered over.
+async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.eager_reconnect(false);
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+async fn sweep_stored_events(pool: &PgPool) {
+    let cutoff = now_micros() - STORED_EVENT_LIFETIME_MICROS;
+    if let Err(error) = sqlx::query("DELETE FROM stream_events WHERE created_at < $1")
+        .bind(cutoff) // $1
+        .execute(pool)
+        .await
+    {
+        tracing::warn!(error = %error, "sweeping stored stream events failed");
+    }
+}
+
+/// An inline payload (`p:`) goes straight on; a stored one (`i:<id>`) is read first.
+async fn deliver_notification(
+    pool: &PgPool,
+    payload: &str,
+    deliver: &(dyn Fn(String) + Send + Sync),
+) {
+    if let Some(inline) = payload.strip_prefix("p:") {
+        deliver(inline.to_owned());
+    } else if let Some(id) = payload
+        .strip_prefix("i:")
+        .and_then(|id| id.parse::<i64>().ok())
+    {
+        match sqlx::query_scalar::<_, String>("SELECT payload FROM stream_events WHERE id = $1")
+            .bind(id) // $1
+            .fetch_optional(pool)
+            .await
+        {
+            Ok(Some(stored)) => deliver(stored),
+            Ok(None) => tracing::warn!(id, "stored stream event already swept"),
+            Err(error) => tracing::warn!(error = %error, "reading a stored stream event failed"),
+        }
     }
 }

@@ -667,3 +667,29 @@ async fn sigterm_exits_at_once_despite_silent_peers_and_within_the_grace_despite
         "exit took {took:?} with a 2 s grace"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_another_processes_sqlite_lock_is_unavailable_within_5_seconds() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let ivy = app.register_and_login("ivy").await;
+    let lock = app.hold_users_write_lock().await;
+    let started = Instant::now();
+    let answer = app
+        .auth
+        .clone()
+        .update_me(with_bearer(
+            proto::UpdateMeRequest {
+                email: None,
+                full_name: Some("Ivy".into()),
+                bio: None,
+            },
+            &ivy.access_token,
+        ))
+        .await;
+    let took = started.elapsed();
+    assert_code(answer, Code::Unavailable);
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    lock.release().await;
+    assert!(app.get_me(&ivy.access_token).await.is_ok());
+    app.stop().await;
+}

@@ -373,8 +373,17 @@ impl TestApp {
 
     /// A second server on this test's database, as another instance would be.
     pub async fn spawn_sibling(&self) -> TestApp {
+        self.spawn_sibling_with(|_| {}).await
+    }
+
+    /// Like `spawn_sibling`, with a chance to change its configuration first.
+    pub async fn spawn_sibling_with(&self, customize: impl FnOnce(&mut Config)) -> TestApp {
         let config = self.config.clone();
-        let mut sibling = spawn_app_with(self.backend, |c| *c = config).await;
+        let mut sibling = spawn_app_with(self.backend, |c| {
+            *c = config;
+            customize(c);
+        })
+        .await;
         // The sibling shares this database: it must not drop it when it stops.
         sibling._postgres = None;
         sibling.database_url = self.database_url.clone();

@@ -10,7 +10,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{Backend, TestApp, spawn_app_with, with_bearer};
+use crate::helpers::{Backend, LoggedIn, TestApp, spawn_app, spawn_app_with, with_bearer};
 
 /// Forwards connections to PostgreSQL while `open` is true; closing it drops
 /// every forwarded connection and refuses new ones.
@@ -64,12 +64,8 @@ async fn wait_for_health(app: &TestApp, status: ServingStatus, limit: Duration) 
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_restart() {
-    if !Backend::Postgres.available() {
-        eprintln!("skipped: {} is not set", crate::helpers::POSTGRES_URL_VAR);
-        return;
-    }
+/// The `host:port` of the PostgreSQL server the tests use.
+fn postgres_host_port() -> String {
     let admin_url = std::env::var(crate::helpers::POSTGRES_URL_VAR).unwrap();
     let authority = admin_url
         .split("://")
@@ -78,14 +74,27 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
         .split('/')
         .next()
         .unwrap();
-    let host_port = authority.rsplit('@').next().unwrap().to_owned();
-    let (proxy_port, open) = start_proxy(host_port.clone()).await;
+    authority.rsplit('@').next().unwrap().to_owned()
+}
+
+/// `config` with its PostgreSQL URL pointed at the proxy on `proxy_port`.
+fn through_proxy(config: &mut ai_message::config::Config, proxy_port: u16) {
+    if let DatabaseTarget::Postgres(url) = &config.database {
+        config.database = DatabaseTarget::Postgres(
+            url.replace(&postgres_host_port(), &format!("127.0.0.1:{proxy_port}")),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_restart() {
+    if !Backend::Postgres.available() {
+        eprintln!("skipped: {} is not set", crate::helpers::POSTGRES_URL_VAR);
+        return;
+    }
+    let (proxy_port, open) = start_proxy(postgres_host_port()).await;
     let app = spawn_app_with(Backend::Postgres, |config| {
-        if let DatabaseTarget::Postgres(url) = &config.database {
-            config.database = DatabaseTarget::Postgres(
-                url.replace(&host_port, &format!("127.0.0.1:{proxy_port}")),
-            );
-        }
+        through_proxy(config, proxy_port)
     })
     .await;
     let mia = app.register_and_login("mia").await;
@@ -96,25 +105,28 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
     eprintln!("NOT_SERVING after {took:?}");
     // Past the session cache's second, a call needs the database.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let started = Instant::now();
-    let status = app
-        .auth
-        .clone()
-        .get_me(with_bearer(proto::GetMeRequest {}, &mia.access_token))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "answered after {:?}",
-        started.elapsed()
-    );
-    for driver_text in ["connection", "refused", "pool", "sqlx", "timed out"] {
+    // Once health says NOT_SERVING, calls fail at once, not after a pool timeout.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let status = app
+            .auth
+            .clone()
+            .get_me(with_bearer(proto::GetMeRequest {}, &mia.access_token))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(
-            !status.message().contains(driver_text),
-            "{}",
-            status.message()
+            started.elapsed() < Duration::from_millis(100),
+            "answered after {:?}",
+            started.elapsed()
         );
+        for driver_text in ["connection", "refused", "pool", "sqlx", "timed out"] {
+            assert!(
+                !status.message().contains(driver_text),
+                "{}",
+                status.message()
+            );
+        }
     }
 
     open.send_replace(true);
@@ -125,4 +137,102 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
         "recovered without a restart"
     );
     app.stop().await;
+}
+
+async fn open_stream(
+    app: &TestApp,
+    who: &LoggedIn,
+) -> Result<tonic::Streaming<proto::StreamMessagesResponse>, tonic::Status> {
+    app.messages
+        .clone()
+        .stream_messages(with_bearer(
+            proto::StreamMessagesRequest {},
+            &who.access_token,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn send(app: &TestApp, from: &LoggedIn, to: i64, content: &str) -> proto::Message {
+    app.messages
+        .clone()
+        .send_message(with_bearer(
+            proto::SendMessageRequest {
+                recipient_id: to,
+                content: content.to_owned(),
+                parent_id: None,
+                conversation_id: None,
+            },
+            &from.access_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and_resume_cleanly() {
+    if !Backend::Postgres.available() {
+        eprintln!("skipped: {} is not set", crate::helpers::POSTGRES_URL_VAR);
+        return;
+    }
+    let a = spawn_app(Backend::Postgres).await;
+    let (proxy_port, open) = start_proxy(postgres_host_port()).await;
+    let b = a
+        .spawn_sibling_with(|config| through_proxy(config, proxy_port))
+        .await;
+    let ann = a.register_and_login("ann").await;
+    let bob = a.register_and_login("bob").await;
+
+    let mut stream = open_stream(&b, &bob).await.unwrap();
+    let first = send(&a, &ann, bob.user_id, "before the cut").await;
+    let event = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("delivered across instances")
+        .unwrap()
+        .unwrap();
+    assert!(format!("{event:?}").contains(&format!("id: {}", first.id)));
+
+    // B loses PostgreSQL while A keeps working: B's stream ends, never silently.
+    open.send_replace(false);
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream on the cut instance ends");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    eprintln!("stream ended after {:?}", started.elapsed());
+    for n in 0..5 {
+        send(&a, &ann, bob.user_id, &format!("during the cut {n}")).await;
+    }
+    wait_for_health(&b, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    let refused = open_stream(&b, &bob).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    // Back: SERVING only once B listens again, so a stream opened the moment
+    // health says SERVING receives the very next message.
+    open.send_replace(true);
+    wait_for_health(&b, ServingStatus::Serving, Duration::from_secs(10)).await;
+    let mut resumed = open_stream(&b, &bob).await.unwrap();
+    let next = send(&a, &ann, bob.user_id, "after the cut").await;
+    let event = tokio::time::timeout(Duration::from_secs(2), resumed.message())
+        .await
+        .expect("the resumed stream receives the next message")
+        .unwrap()
+        .unwrap();
+    assert!(
+        format!("{event:?}").contains(&format!("id: {}", next.id)),
+        "{event:?}"
+    );
+    b.stop().await;
+    a.stop().await;
 }
