@@ -6,6 +6,8 @@
 //!     cargo run --release --bin ai-message-bench -- [--seconds 5] [--concurrency 64]
 //!         [--connections 4] [--bcrypt-cost 12] [--json results.json]
 //!         [--scenarios health,getme,validate,send,list,login,stream,idle]
+//!         (also `logs`, not in the default set: the log volume at the default
+//!         level, in bytes per 100,000 calls that succeed and that fail)
 //!         [--database-url postgres://...]   (then pgbench runs beside it)
 
 use std::{
@@ -205,6 +207,11 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
         Some(url) => DatabaseTarget::parse(url)?,
         None => DatabaseTarget::Sqlite(Some(dir.join("bench.db"))),
     };
+    let log_bytes = options
+        .scenarios
+        .iter()
+        .any(|s| s == "logs")
+        .then(count_log_bytes);
     let mut config = Config::for_tests(target.clone());
     config.bcrypt_cost = options.bcrypt_cost;
     // The Login flood measures bcrypt isolation, not the throttle.
@@ -280,6 +287,35 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     name: "health Check".into(),
                     sample,
                 });
+            }
+            "logs" => {
+                let Some(bytes) = &log_bytes else { continue };
+                let client = AuthServiceClient::new(channel(0));
+                let volume = |ok: bool| {
+                    let token = if ok {
+                        tokens[0].clone()
+                    } else {
+                        "not-a-token".to_owned()
+                    };
+                    let mut client = client.clone();
+                    let bytes = Arc::clone(bytes);
+                    async move {
+                        let before = bytes.load(std::sync::atomic::Ordering::Relaxed);
+                        for _ in 0..LOG_VOLUME_CALLS {
+                            let _ = client.get_me(bearer(proto::GetMeRequest {}, &token)).await;
+                        }
+                        bytes.load(std::sync::atomic::Ordering::Relaxed) - before
+                    }
+                };
+                let succeeded = volume(true).await;
+                let failed = volume(false).await;
+                summary.push(format!(
+                    "log volume at RUST_LOG=info per {LOG_VOLUME_CALLS} calls: {succeeded} bytes \
+                     when they succeed, {failed} bytes when they fail ({} bytes a failure)",
+                    failed / LOG_VOLUME_CALLS
+                ));
+                extra.push(("log_bytes_per_100k_ok_calls".into(), succeeded as f64));
+                extra.push(("log_bytes_per_100k_failed_calls".into(), failed as f64));
             }
             "getme" => {
                 let sample = get_me_load(&channels, &tokens, concurrency, duration).await;
@@ -562,6 +598,34 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Calls per run of the `logs` scenario.
+const LOG_VOLUME_CALLS: u64 = 100_000;
+
+/// Installs the process's log subscriber at the default level (`info`),
+/// counting the bytes it would write instead of writing them.
+fn count_log_bytes() -> Arc<std::sync::atomic::AtomicU64> {
+    #[derive(Clone)]
+    struct Counter(Arc<std::sync::atomic::AtomicU64>);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Counter(Arc::clone(&bytes));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_ansi(false)
+        .with_writer(move || counter.clone())
+        .try_init();
+    bytes
 }
 
 async fn get_me_load(

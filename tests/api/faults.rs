@@ -533,9 +533,15 @@ struct ServerProcess {
 
 impl ServerProcess {
     async fn start(grace: &str) -> Self {
+        Self::start_with(grace, &[], None).await
+    }
+
+    /// With extra variables and, if given, an open-file limit (soft and hard).
+    async fn start_with(grace: &str, env: &[(&str, &str)], open_files: Option<u64>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ai-message"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ai-message"));
+        command
             .current_dir(dir.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -545,10 +551,27 @@ impl ServerProcess {
             .env("AI_MESSAGE_PORT", port.to_string())
             .env("AI_MESSAGE_BCRYPT_COST", "4")
             .env("AI_MESSAGE_SHUTDOWN_GRACE", grace)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::null());
+        if let Some(limit) = open_files {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: only setrlimit, which is async-signal-safe, runs in the child.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command.spawn().unwrap();
         let started = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             assert!(
@@ -692,4 +715,82 @@ async fn a_write_behind_another_processes_sqlite_lock_is_unavailable_within_5_se
     lock.release().await;
     assert!(app.get_me(&ivy.access_token).await.is_ok());
     app.stop().await;
+}
+
+/// CPU seconds (user and system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_server_keeps_its_connections_and_does_not_spin() {
+    let server =
+        ServerProcess::start_with("5s", &[("AI_MESSAGE_HANDSHAKE_TIMEOUT", "3s")], Some(128)).await;
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", server.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = log_in(channel.clone(), "mia").await;
+    let mut auth = proto::auth_service_client::AuthServiceClient::new(channel);
+
+    // More silent connections than descriptors: accept starts failing.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        match TcpStream::connect(("127.0.0.1", server.port)).await {
+            Ok(stream) => silent.push(stream),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = server.child.id();
+    let cpu_before = cpu_seconds(pid);
+    let wall = Instant::now();
+    for _ in 0..20 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            auth.get_me(with_bearer(proto::GetMeRequest {}, &token)),
+        )
+        .await
+        .expect("an open connection is still served (no answer in 2 s)");
+        assert!(
+            answer.is_ok(),
+            "an open connection is still served: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let busy = (cpu_seconds(pid) - cpu_before) / wall.elapsed().as_secs_f64();
+    assert!(
+        busy < 0.25,
+        "the server used {:.0}% of a core while out of descriptors",
+        busy * 100.0
+    );
+
+    // The silent ones are closed after the handshake timeout; then new
+    // clients are accepted again.
+    drop(silent);
+    let fresh = Channel::from_shared(format!("http://127.0.0.1:{}", server.port))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let started = Instant::now();
+    loop {
+        let answer = tonic_health::pb::health_client::HealthClient::new(fresh.clone())
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await;
+        if answer.is_ok() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut server = server;
+    server.terminate(Duration::from_secs(10)).await;
 }
