@@ -62,14 +62,23 @@ impl SqliteStore {
             // Statement journals (multi-row INSERTs inside a transaction) in
             // memory, not temporary files: a profile showed 14% of SendMessage there.
             .pragma("temp_store", "memory");
+        // Every connection is opened here and kept for good (no idle timeout,
+        // no maximum lifetime): a server out of file descriptors can still
+        // serve the clients it has, since it needs no new one for the database.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_release(|conn, _| Box::pin(leaves_no_transaction_open(conn)))
             .connect_with(options.clone())
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
+            .min_connections(READERS)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
