@@ -13,6 +13,7 @@
 //!   `shutdown_grace` ends is cancelled, so no peer can hold the process.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     pin::{Pin, pin},
     sync::{
@@ -23,7 +24,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use http_body::Body as HttpBody;
 use hyper::body::Incoming;
 use hyper_util::{
@@ -41,7 +41,30 @@ use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Service, ServiceExt as _};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What the server serves: the layered gRPC routes as one tower service.
+pub trait GrpcStack:
+    Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> GrpcStack for S where
+    S: Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
 
 /// After a GOAWAY, how long a connection with no call left may take to
 /// flush and close by itself before it is dropped.
@@ -58,7 +81,7 @@ pub struct ConnectionLimits {
     pub shutdown_grace: Duration,
     pub max_streams_per_connection: u32,
     /// The HTTP/2 setting; the contract's own limit is checked per call
-    /// (`middleware::CallLimits`) so that it can answer with a gRPC status.
+    /// (`middleware::Admission`) so that it can answer with a gRPC status.
     pub h2_max_header_list_bytes: u32,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
@@ -66,21 +89,14 @@ pub struct ConnectionLimits {
 
 /// Serves `service` on `listener` until `shutdown` resolves, then drains as
 /// the module comment says and returns.
-pub async fn serve<S, B>(
+pub async fn serve<S>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: GrpcStack,
 {
     let builder = Arc::new(http_builder(&limits));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -195,16 +211,9 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run<S, B>(mut self, stream: TcpStream, tls: Option<TlsAcceptor>, service: S)
+    async fn run<S>(mut self, stream: TcpStream, tls: Option<TlsAcceptor>, service: S)
     where
-        S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: HttpBody<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: GrpcStack,
     {
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(self.limits.keepalive_interval);
@@ -241,17 +250,10 @@ impl Connection {
     /// Drives one HTTP/2 connection, closing it on the first deadline that
     /// passes: no first request by `first_request_by`, idle too long, or
     /// lingering after a GOAWAY with nothing left to finish.
-    async fn serve_http<IO, S, B>(&mut self, io: IO, service: Tracked<S>, first_request_by: Instant)
+    async fn serve_http<IO, S>(&mut self, io: IO, service: Tracked<S>, first_request_by: Instant)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: HttpBody<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: GrpcStack,
     {
         let builder = Arc::clone(&self.builder);
         let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
@@ -318,19 +320,12 @@ struct Tracked<S> {
     info: TcpConnectInfo,
 }
 
-impl<S, B> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
+impl<S> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
 where
-    S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: GrpcStack,
 {
-    type Response = http::Response<TrackedBody<B>>;
-    type Error = BoxError;
+    type Response = http::Response<TrackedBody<tonic::body::Body>>;
+    type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
@@ -341,7 +336,7 @@ where
             .clone()
             .oneshot(request.map(tonic::body::Body::new));
         Box::pin(async move {
-            let response = answer.await.map_err(Into::into)?;
+            let response = answer.await?;
             Ok(response.map(|body| TrackedBody {
                 inner: body,
                 _call: call,

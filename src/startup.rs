@@ -27,7 +27,7 @@ use crate::{
         auth::AuthApi,
         health,
         message::MessageApi,
-        middleware::{CallLimitsLayer, CallLogLayer, FailFastLayer, LoadShedLayer},
+        middleware::{AdmissionLayer, CallLogLayer, CallSlots},
         session::SessionApi,
         user_admin::UserAdminApi,
     },
@@ -169,7 +169,7 @@ impl Application {
                 hasher,
                 events,
                 sessions,
-                call_slots: LoadShedLayer::new(config.max_concurrent_calls),
+                call_slots: CallSlots::new(config.max_concurrent_calls),
                 config,
                 shutdown: stop_rx,
                 readiness: Arc::default(),
@@ -272,12 +272,12 @@ impl Application {
             .add_service(InterceptedService::new(message, required));
         let service = tower::ServiceBuilder::new()
             .layer(CallLogLayer)
-            .layer(CallLimitsLayer {
+            .layer(AdmissionLayer {
                 max_header_list_bytes: limits.max_header_list_bytes as usize,
                 request_timeout: limits.request_timeout,
+                readiness: Arc::clone(&state.readiness),
+                slots: state.call_slots.clone(),
             })
-            .layer(FailFastLayer::new(Arc::clone(&state.readiness)))
-            .layer(state.call_slots.clone())
             .service(routes.routes().prepare());
         let connection_limits = ConnectionLimits {
             handshake_timeout: limits.handshake_timeout,
@@ -285,7 +285,7 @@ impl Application {
             max_connections: limits.max_connections,
             shutdown_grace: limits.shutdown_grace,
             max_streams_per_connection: limits.max_streams_per_connection,
-            // Four times the contract's limit, which `CallLimits` enforces
+            // Four times the contract's limit, which `Admission` enforces
             // with a gRPC status; beyond this HTTP/2 itself refuses.
             h2_max_header_list_bytes: limits.max_header_list_bytes.saturating_mul(4),
             keepalive_interval: limits.keepalive_interval,

@@ -115,8 +115,8 @@ mod tests {
         request
     }
 
-    #[test]
-    fn required_mode_refuses_missing_and_bad_tokens_and_passes_good_ones() {
+    /// A token service and a token it issued for user 3, session 9.
+    fn tokens_and_a_good_token() -> (Arc<TokenService>, String) {
         let tokens = Arc::new(TokenService::new(
             &[7; 32],
             "localhost",
@@ -126,6 +126,12 @@ mod tests {
         let (good, _) = tokens
             .issue_access(3, 9, now, now.plus(Duration::from_secs(3600)))
             .unwrap();
+        (tokens, good)
+    }
+
+    #[test]
+    fn required_mode_refuses_missing_and_bad_tokens_and_passes_good_ones() {
+        let (tokens, good) = tokens_and_a_good_token();
         let mut interceptor = BearerInterceptor::required(Arc::clone(&tokens));
 
         let missing = interceptor.call(request_with(None)).unwrap_err();
@@ -146,15 +152,7 @@ mod tests {
 
     #[test]
     fn two_authorization_entries_are_refused_even_when_both_are_good() {
-        let tokens = Arc::new(TokenService::new(
-            &[7; 32],
-            "localhost",
-            Duration::from_secs(60),
-        ));
-        let now = Timestamp::now();
-        let (good, _) = tokens
-            .issue_access(3, 9, now, now.plus(Duration::from_secs(3600)))
-            .unwrap();
+        let (tokens, good) = tokens_and_a_good_token();
         let mut request = request_with(Some(&format!("Bearer {good}")));
         request
             .metadata_mut()

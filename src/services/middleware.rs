@@ -4,11 +4,8 @@
 //!   tonic's codes the contract asks for (an oversized request is
 //!   RESOURCE_EXHAUSTED, not OUT_OF_RANGE; an undecodable one, or one with no
 //!   request message, is INVALID_ARGUMENT, not INTERNAL);
-//! - `CallLimits`: metadata over the configured size is RESOURCE_EXHAUSTED as a
-//!   gRPC status, and a call's headers must come back before its deadline;
-//! - `FailFast`: while the health probe finds the database unreachable, calls
-//!   that need it are UNAVAILABLE at once rather than after a pool timeout;
-//! - `LoadShed`: unary calls beyond the concurrency limit are refused at once.
+//! - `Admission`: whether a call may start (metadata size, database known
+//!   down, unary calls beyond the concurrency limit) and its deadline.
 
 use std::{
     pin::Pin,
@@ -77,9 +74,8 @@ where
 }
 
 /// Words of tonic's own messages for requests it could not decode
-/// (protobuf errors, bad framing or compression flags, truncated bodies, a
-/// body with no message at all).
-const CODEC_WORDS: [&str; 5] = ["decod", "protocol", "decompress", "EOF", "Missing"];
+/// (protobuf errors, bad framing or compression flags, truncated bodies).
+const CODEC_WORDS: [&str; 4] = ["decod", "protocol", "decompress", "EOF"];
 
 /// Rewrites the two codes tonic picks itself for undecodable or oversized
 /// requests, and returns the call's code as sent in the headers (a unary
@@ -200,17 +196,17 @@ mod tests {
     }
 }
 
-/// Load shedding for unary calls: at most `limit` in flight across the whole
-/// process; beyond that a call is refused at once with RESOURCE_EXHAUSTED
-/// (never queued). Streams, health and reflection are not counted, and the
+/// The bound on unary calls in flight across the whole process
+/// (`AI_MESSAGE_MAX_CONCURRENT_CALLS`): beyond it a call is refused at once,
+/// never queued. Streams, health and reflection are not counted, and the
 /// password-hashing RPCs have their own bound (`PasswordHasher`).
 #[derive(Clone)]
-pub struct LoadShedLayer {
+pub struct CallSlots {
     permits: std::sync::Arc<tokio::sync::Semaphore>,
     limit: usize,
 }
 
-impl LoadShedLayer {
+impl CallSlots {
     pub fn new(limit: usize) -> Self {
         Self {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
@@ -222,23 +218,6 @@ impl LoadShedLayer {
     pub fn in_flight(&self) -> usize {
         self.limit - self.permits.available_permits()
     }
-}
-
-impl<S> Layer<S> for LoadShedLayer {
-    type Service = LoadShed<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        LoadShed {
-            inner,
-            permits: std::sync::Arc::clone(&self.permits),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct LoadShed<S> {
-    inner: S,
-    permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Paths that hold no slot: streams, health, reflection, and the RPCs whose
@@ -254,68 +233,6 @@ fn holds_no_slot(path: &str) -> bool {
     EXEMPT.contains(&path)
         || path.starts_with("/grpc.health.")
         || path.starts_with("/grpc.reflection.")
-}
-
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for LoadShed<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
-        if holds_no_slot(request.uri().path()) {
-            return Box::pin(inner.call(request));
-        }
-        let Ok(permit) = std::sync::Arc::clone(&self.permits).try_acquire_owned() else {
-            let status =
-                tonic::Status::resource_exhausted("the server is at capacity; retry shortly");
-            return Box::pin(async move { Ok(status.into_http()) });
-        };
-        Box::pin(async move {
-            let response = inner.call(request).await;
-            drop(permit);
-            response
-        })
-    }
-}
-
-/// Per-call limits that need the request head: metadata over
-/// `max_header_list_bytes` is refused with RESOURCE_EXHAUSTED (HTTP/2 itself
-/// is set to four times that, so that gRPC clients get a status rather than a
-/// bare HTTP 431), and the answer's headers must arrive within the call's
-/// deadline: the server's `request_timeout`, or the client's `grpc-timeout`
-/// when that is shorter. A stream's body is not cut by the deadline.
-#[derive(Clone, Copy)]
-pub struct CallLimitsLayer {
-    pub max_header_list_bytes: usize,
-    pub request_timeout: std::time::Duration,
-}
-
-impl<S> Layer<S> for CallLimitsLayer {
-    type Service = CallLimits<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        CallLimits {
-            inner,
-            limits: *self,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct CallLimits<S> {
-    inner: S,
-    limits: CallLimitsLayer,
 }
 
 /// The size HTTP/2 gives a header list (RFC 9113 6.5.2): every field's name
@@ -366,105 +283,117 @@ fn grpc_timeout(text: &str) -> Option<std::time::Duration> {
     })
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallLimits<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
-        if header_list_size(&request) > self.limits.max_header_list_bytes {
-            let status = tonic::Status::resource_exhausted(format!(
-                "request metadata is larger than {} bytes",
-                self.limits.max_header_list_bytes
-            ));
-            return Box::pin(async move { Ok(status.into_http()) });
-        }
-        let deadline = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|value| value.to_str().ok())
-            .and_then(grpc_timeout)
-            .map_or(self.limits.request_timeout, |asked| {
-                asked.min(self.limits.request_timeout)
-            });
-        Box::pin(async move {
-            match tokio::time::timeout(deadline, inner.call(request)).await {
-                Ok(answer) => answer,
-                Err(_) => Ok(tonic::Status::deadline_exceeded(
-                    "the call did not finish before its deadline",
-                )
-                .into_http()),
-            }
-        })
-    }
-}
-
-/// While the health probe finds the database unreachable, every call but
-/// health and reflection (which need no database) is UNAVAILABLE at once, so
-/// that none holds a call slot for a pool timeout during an outage.
+/// Whether a call may start, in this order:
+/// - metadata over `max_header_list_bytes` is RESOURCE_EXHAUSTED (HTTP/2
+///   itself is set to four times that, so that gRPC clients get a status
+///   rather than a bare HTTP 431);
+/// - while the health probe finds the database unreachable, every call but
+///   health and reflection (which need none) is UNAVAILABLE at once, so none
+///   holds a slot for a pool timeout during an outage;
+/// - a unary call beyond the free `CallSlots` is RESOURCE_EXHAUSTED at once;
+/// - the answer's headers must arrive within the call's deadline: the
+///   server's `request_timeout`, or the client's shorter `grpc-timeout` (a
+///   stream's body is not cut by it).
 #[derive(Clone)]
-pub struct FailFastLayer {
-    readiness: std::sync::Arc<super::health::Readiness>,
+pub struct AdmissionLayer {
+    pub max_header_list_bytes: usize,
+    pub request_timeout: std::time::Duration,
+    pub readiness: std::sync::Arc<super::health::Readiness>,
+    pub slots: CallSlots,
 }
 
-impl FailFastLayer {
-    pub fn new(readiness: std::sync::Arc<super::health::Readiness>) -> Self {
-        Self { readiness }
-    }
-}
-
-impl<S> Layer<S> for FailFastLayer {
-    type Service = FailFast<S>;
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        FailFast {
+        Admission {
             inner,
-            readiness: std::sync::Arc::clone(&self.readiness),
+            rules: self.clone(),
         }
     }
 }
 
 #[derive(Clone)]
-pub struct FailFast<S> {
+pub struct Admission<S> {
     inner: S,
-    readiness: std::sync::Arc<super::health::Readiness>,
+    rules: AdmissionLayer,
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for FailFast<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
+impl AdmissionLayer {
+    /// The slot the call holds until it answers (`None`: it needs none), or
+    /// the status that refuses it.
+    fn admit<B>(
+        &self,
+        request: &http::Request<B>,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, tonic::Status> {
+        if header_list_size(request) > self.max_header_list_bytes {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "request metadata is larger than {} bytes",
+                self.max_header_list_bytes
+            )));
+        }
         let path = request.uri().path();
         let needs_no_database =
             path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.");
         if !needs_no_database && !self.readiness.database_reachable() {
-            let status = tonic::Status::unavailable("the database is unreachable; retry shortly");
-            return Box::pin(async move { Ok(status.into_http()) });
+            return Err(tonic::Status::unavailable(
+                "the database is unreachable; retry shortly",
+            ));
         }
-        Box::pin(inner.call(request))
+        if holds_no_slot(path) {
+            return Ok(None);
+        }
+        std::sync::Arc::clone(&self.slots.permits)
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| {
+                tonic::Status::resource_exhausted("the server is at capacity; retry shortly")
+            })
+    }
+
+    fn deadline<B>(&self, request: &http::Request<B>) -> std::time::Duration {
+        request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(grpc_timeout)
+            .map_or(self.request_timeout, |asked| {
+                asked.min(self.request_timeout)
+            })
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Admission<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let slot = match self.rules.admit(&request) {
+            Ok(slot) => slot,
+            Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+        };
+        let deadline = self.rules.deadline(&request);
+        Box::pin(async move {
+            let answer = tokio::time::timeout(deadline, inner.call(request)).await;
+            drop(slot);
+            answer.unwrap_or_else(|_| {
+                Ok(
+                    tonic::Status::deadline_exceeded("the call did not finish before its deadline")
+                        .into_http(),
+                )
+            })
+        })
     }
 }

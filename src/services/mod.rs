@@ -43,7 +43,7 @@ pub struct AppState {
     pub message_writer: MessageWriter,
     pub config: Config,
     /// The bound on unary calls in flight (`AI_MESSAGE_MAX_CONCURRENT_CALLS`).
-    pub call_slots: middleware::LoadShedLayer,
+    pub call_slots: middleware::CallSlots,
     /// Turns true when the server begins to shut down; open streams end.
     pub shutdown: watch::Receiver<bool>,
     /// Whether the health probe last reached the database (calls fail fast when not).

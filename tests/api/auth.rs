@@ -7,7 +7,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use tonic::{Code, Request};
 
 use crate::helpers::{
-    Backend, PASSWORD, TEST_SECRET, assert_code, bad_request_fields, spawn_app, with_bearer,
+    Backend, PASSWORD, TEST_SECRET, assert_code, bad_request_fields, sign, spawn_app, with_bearer,
 };
 
 backend_tests!(
@@ -342,22 +342,6 @@ async fn bearer_scheme_is_case_insensitive(backend: Backend) {
     );
     assert_code(app.auth.clone().get_me(basic).await, Code::Unauthenticated);
     app.stop().await;
-}
-
-/// Re-signs `claims` JSON under `header` JSON with `key` (HS256).
-fn sign(header: &str, claims: &str, key: &[u8]) -> String {
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header),
-        URL_SAFE_NO_PAD.encode(claims)
-    );
-    let signature = jsonwebtoken::crypto::sign(
-        input.as_bytes(),
-        &jsonwebtoken::EncodingKey::from_secret(key),
-        jsonwebtoken::Algorithm::HS256,
-    )
-    .unwrap();
-    format!("{input}.{signature}")
 }
 
 async fn forged_and_misused_tokens_are_unauthenticated(backend: Backend) {

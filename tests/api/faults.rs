@@ -9,7 +9,6 @@ use std::{
 };
 
 use ai_message::{domain::Timestamp, proto};
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -19,7 +18,7 @@ use tonic::{Code, transport::Channel};
 use tower::{Service as _, ServiceExt as _};
 
 use crate::helpers::{
-    Backend, LoggedIn, TEST_SECRET, TestApp, assert_code, spawn_app, spawn_app_with, with_bearer,
+    Backend, TEST_SECRET, TestApp, assert_code, sign, spawn_app, spawn_app_with, with_bearer,
 };
 
 backend_tests!(
@@ -28,21 +27,6 @@ backend_tests!(
     a_call_without_a_request_message_is_invalid_argument,
     metadata_over_the_limit_is_resource_exhausted_as_a_grpc_status,
 );
-
-fn sign(header: &str, claims: &str) -> String {
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header),
-        URL_SAFE_NO_PAD.encode(claims)
-    );
-    let signature = jsonwebtoken::crypto::sign(
-        input.as_bytes(),
-        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET),
-        jsonwebtoken::Algorithm::HS256,
-    )
-    .unwrap();
-    format!("{input}.{signature}")
-}
 
 async fn is_active(app: &TestApp, token: &str) -> bool {
     app.auth
@@ -70,7 +54,11 @@ async fn tokens_with_a_future_nbf_or_a_crit_header_are_unauthenticated(backend: 
     };
     let header = r#"{"alg":"HS256","typ":"at+jwt"}"#;
     // The forging works: a past nbf is fine.
-    let past_nbf = sign(header, &claims(&format!(r#","nbf":{}"#, now - 5)));
+    let past_nbf = sign(
+        header,
+        &claims(&format!(r#","nbf":{}"#, now - 5)),
+        TEST_SECRET,
+    );
     assert!(app.get_me(&past_nbf).await.is_ok());
     assert!(is_active(&app, &past_nbf).await);
 
@@ -80,22 +68,32 @@ async fn tokens_with_a_future_nbf_or_a_crit_header_are_unauthenticated(backend: 
             sign(
                 header,
                 &claims(&format!(r#","nbf":{}"#, now + 365 * 86_400)),
+                TEST_SECRET,
             ),
         ),
         (
             "nbf in a minute",
-            sign(header, &claims(&format!(r#","nbf":{}"#, now + 60))),
+            sign(
+                header,
+                &claims(&format!(r#","nbf":{}"#, now + 60)),
+                TEST_SECRET,
+            ),
         ),
         (
             "crit naming an unknown extension",
             sign(
                 r#"{"alg":"HS256","typ":"at+jwt","crit":["exp-ext"],"exp-ext":1}"#,
                 &claims(""),
+                TEST_SECRET,
             ),
         ),
         (
             "empty crit",
-            sign(r#"{"alg":"HS256","typ":"at+jwt","crit":[]}"#, &claims("")),
+            sign(
+                r#"{"alg":"HS256","typ":"at+jwt","crit":[]}"#,
+                &claims(""),
+                TEST_SECRET,
+            ),
         ),
     ];
     for (attack, token) in attacks {
@@ -264,22 +262,6 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-async fn send(app: &TestApp, from: &LoggedIn, to: i64, content: &str) -> Result<(), tonic::Status> {
-    app.messages
-        .clone()
-        .send_message(with_bearer(
-            proto::SendMessageRequest {
-                recipient_id: to,
-                content: content.to_owned(),
-                parent_id: None,
-                conversation_id: None,
-            },
-            &from.access_token,
-        ))
-        .await
-        .map(|_| ())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sqlite_disk_makes_writes_unavailable_and_they_succeed_again_without_a_restart() {
     let Some(mount) = small_file_system(4) else {
@@ -293,14 +275,14 @@ async fn a_full_sqlite_disk_makes_writes_unavailable_and_they_succeed_again_with
     .await;
     let ann = app.register_and_login("ann").await;
     let bob = app.register_and_login("bob").await;
-    send(&app, &ann, bob.user_id, "before").await.unwrap();
+    app.send_text(&ann, bob.user_id, "before").await.unwrap();
 
     let filler = fill(mount.path());
     let content = "x".repeat(8000);
     let mut refused = 0;
     for _ in 0..400 {
-        match send(&app, &ann, bob.user_id, &content).await {
-            Ok(()) => {}
+        match app.send_text(&ann, bob.user_id, &content).await {
+            Ok(_) => {}
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
                 refused += 1;
@@ -329,7 +311,9 @@ async fn a_full_sqlite_disk_makes_writes_unavailable_and_they_succeed_again_with
 
     std::fs::remove_file(filler).unwrap();
     for attempt in 0..30 {
-        let sent = send(&app, &ann, bob.user_id, &format!("after {attempt}")).await;
+        let sent = app
+            .send_text(&ann, bob.user_id, &format!("after {attempt}"))
+            .await;
         assert!(
             sent.is_ok(),
             "write {attempt} after room returned: {sent:?}"

@@ -390,6 +390,43 @@ impl TestApp {
         sibling
     }
 
+    /// Sends `content` from `from` to the user `to` (default conversation).
+    pub async fn send_text(
+        &self,
+        from: &LoggedIn,
+        to: i64,
+        content: &str,
+    ) -> Result<proto::Message, Status> {
+        self.messages
+            .clone()
+            .send_message(with_bearer(
+                proto::SendMessageRequest {
+                    recipient_id: to,
+                    content: content.to_owned(),
+                    parent_id: None,
+                    conversation_id: None,
+                },
+                &from.access_token,
+            ))
+            .await
+            .map(|r| r.into_inner().message.unwrap())
+    }
+
+    /// Opens a StreamMessages stream for `who`.
+    pub async fn open_stream(
+        &self,
+        who: &LoggedIn,
+    ) -> Result<tonic::Streaming<proto::StreamMessagesResponse>, Status> {
+        self.messages
+            .clone()
+            .stream_messages(with_bearer(
+                proto::StreamMessagesRequest {},
+                &who.access_token,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn stop(mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
@@ -443,4 +480,22 @@ pub fn bad_request_fields(status: &Status) -> Vec<String> {
         .into_iter()
         .map(|v| v.field)
         .collect()
+}
+
+/// Signs `claims` JSON under `header` JSON with `key` (HS256), as a forger
+/// who knows the key would.
+pub fn sign(header: &str, claims: &str, key: &[u8]) -> String {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
+    let signature = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        &jsonwebtoken::EncodingKey::from_secret(key),
+        jsonwebtoken::Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{input}.{signature}")
 }

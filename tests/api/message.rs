@@ -131,15 +131,7 @@ async fn delete(app: &TestApp, who: &LoggedIn, message_id: i64) -> Result<(), St
 }
 
 async fn subscribe(app: &TestApp, who: &LoggedIn) -> Streaming<proto::StreamMessagesResponse> {
-    app.messages
-        .clone()
-        .stream_messages(with_bearer(
-            proto::StreamMessagesRequest {},
-            &who.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
+    app.open_stream(who).await.unwrap()
 }
 
 /// The next event within `within`, or `None` if none came.

@@ -10,7 +10,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{Backend, LoggedIn, TestApp, spawn_app, spawn_app_with, with_bearer};
+use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with, with_bearer};
 
 /// Forwards connections to PostgreSQL while `open` is true; closing it drops
 /// every forwarded connection and refuses new ones.
@@ -139,39 +139,6 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
     app.stop().await;
 }
 
-async fn open_stream(
-    app: &TestApp,
-    who: &LoggedIn,
-) -> Result<tonic::Streaming<proto::StreamMessagesResponse>, tonic::Status> {
-    app.messages
-        .clone()
-        .stream_messages(with_bearer(
-            proto::StreamMessagesRequest {},
-            &who.access_token,
-        ))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn send(app: &TestApp, from: &LoggedIn, to: i64, content: &str) -> proto::Message {
-    app.messages
-        .clone()
-        .send_message(with_bearer(
-            proto::SendMessageRequest {
-                recipient_id: to,
-                content: content.to_owned(),
-                parent_id: None,
-                conversation_id: None,
-            },
-            &from.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .message
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and_resume_cleanly() {
     if !Backend::Postgres.available() {
@@ -186,8 +153,11 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
     let ann = a.register_and_login("ann").await;
     let bob = a.register_and_login("bob").await;
 
-    let mut stream = open_stream(&b, &bob).await.unwrap();
-    let first = send(&a, &ann, bob.user_id, "before the cut").await;
+    let mut stream = b.open_stream(&bob).await.unwrap();
+    let first = a
+        .send_text(&ann, bob.user_id, "before the cut")
+        .await
+        .unwrap();
     let event = tokio::time::timeout(Duration::from_secs(2), stream.message())
         .await
         .expect("delivered across instances")
@@ -212,18 +182,23 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     eprintln!("stream ended after {:?}", started.elapsed());
     for n in 0..5 {
-        send(&a, &ann, bob.user_id, &format!("during the cut {n}")).await;
+        a.send_text(&ann, bob.user_id, &format!("during the cut {n}"))
+            .await
+            .unwrap();
     }
     wait_for_health(&b, ServingStatus::NotServing, Duration::from_secs(5)).await;
-    let refused = open_stream(&b, &bob).await.unwrap_err();
+    let refused = b.open_stream(&bob).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 
     // Back: SERVING only once B listens again, so a stream opened the moment
     // health says SERVING receives the very next message.
     open.send_replace(true);
     wait_for_health(&b, ServingStatus::Serving, Duration::from_secs(10)).await;
-    let mut resumed = open_stream(&b, &bob).await.unwrap();
-    let next = send(&a, &ann, bob.user_id, "after the cut").await;
+    let mut resumed = b.open_stream(&bob).await.unwrap();
+    let next = a
+        .send_text(&ann, bob.user_id, "after the cut")
+        .await
+        .unwrap();
     let event = tokio::time::timeout(Duration::from_secs(2), resumed.message())
         .await
         .expect("the resumed stream receives the next message")
