@@ -118,18 +118,17 @@ async fn create_superuser(
     email: &str,
     password: &str,
 ) -> anyhow::Result<()> {
-    let account =
-        NewAccount::parse(username, email, password, None).map_err(|error| match error {
-            AppError::InvalidArgument(violations) => anyhow::anyhow!(
-                "{}",
-                violations
-                    .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-            other => anyhow::anyhow!(other),
-        })?;
+    let account = NewAccount::parse(username, email, password, None).map_err(|violations| {
+        anyhow::anyhow!(
+            "{}",
+            violations
+                .into_inner()
+                .iter()
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
     let db = connect_database(&config.database).await?;
     db.migrate()
         .await

@@ -26,103 +26,11 @@ fn bad(variable: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Which database, decided once from `DATABASE_URL`.
-#[derive(Clone, PartialEq, Eq)]
-pub enum DatabaseTarget {
-    /// An SQLite file (created if missing), or `None` for a private in-memory database.
-    Sqlite(Option<PathBuf>),
-    /// A PostgreSQL connection URL in sqlx form (`postgres://…`).
-    Postgres(String),
-}
+pub use crate::storage::{DatabaseTarget, redact_password};
 
-impl fmt::Debug for DatabaseTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Sqlite(path) => write!(f, "Sqlite({path:?})"),
-            Self::Postgres(url) => write!(f, "Postgres({})", redact_password(url)),
-        }
-    }
-}
-
-impl DatabaseTarget {
-    /// Parses the sqlx forms and the seed's SQLAlchemy forms of `DATABASE_URL`.
-    ///
-    /// `sqlite://rel` and `sqlite:///rel` are relative to the working directory
-    /// (the latter is SQLAlchemy's relative form), `sqlite:////abs` is absolute;
-    /// `postgresql://`, `postgresql+<driver>://` and `postgres://` are PostgreSQL.
-    pub fn parse(url: &str) -> Result<Self, ConfigError> {
-        const VAR: &str = "DATABASE_URL";
-        let url = url.trim();
-        let (scheme, rest) = url
-            .split_once(':')
-            .ok_or_else(|| bad(VAR, "expected a URL such as sqlite://backend.db"))?;
-        let scheme = scheme.to_ascii_lowercase();
-        let base_scheme = scheme.split('+').next().unwrap_or_default();
-        match base_scheme {
-            "sqlite" => {
-                if rest == ":memory:" || rest == "//:memory:" {
-                    return Ok(Self::Sqlite(None));
-                }
-                let path = rest
-                    .strip_prefix("//")
-                    .ok_or_else(|| bad(VAR, "expected sqlite://<path>"))?;
-                let path = path.split('?').next().unwrap_or_default();
-                // SQLAlchemy: three slashes then a relative path, four for an absolute one.
-                let path = match path.strip_prefix('/') {
-                    Some(after_root) if after_root.starts_with('/') => after_root,
-                    Some(relative) => relative,
-                    None => path,
-                };
-                if path.is_empty() {
-                    return Err(bad(VAR, "the SQLite file path is empty"));
-                }
-                if path == ":memory:" {
-                    return Ok(Self::Sqlite(None));
-                }
-                Ok(Self::Sqlite(Some(PathBuf::from(path))))
-            }
-            "postgres" | "postgresql" => {
-                let authority = rest
-                    .strip_prefix("//")
-                    .ok_or_else(|| bad(VAR, "expected postgres://user@host/database"))?;
-                if authority.is_empty() {
-                    return Err(bad(VAR, "the PostgreSQL URL names no host"));
-                }
-                Ok(Self::Postgres(format!("postgres://{authority}")))
-            }
-            "" => Err(bad(VAR, "expected a URL such as sqlite://backend.db")),
-            other => Err(bad(
-                VAR,
-                format!("unsupported scheme {other:?}; use sqlite:// or postgres://"),
-            )),
-        }
-    }
-
-    /// The path of the file that keeps the generated signing key, for SQLite files.
-    pub fn secret_file(&self) -> Option<PathBuf> {
-        match self {
-            Self::Sqlite(Some(path)) => {
-                let mut name = path.as_os_str().to_owned();
-                name.push(".secret");
-                Some(PathBuf::from(name))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// `postgres://user:secret@host` as `postgres://user:***@host`, for logs.
-pub fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
+/// `DATABASE_URL`, parsed; an error names the variable.
+pub fn parse_database_url(url: &str) -> Result<DatabaseTarget, ConfigError> {
+    DatabaseTarget::parse(url).map_err(|message| bad("DATABASE_URL", message))
 }
 
 /// TLS certificate and key file paths.
@@ -236,7 +144,7 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
 
-        let database = DatabaseTarget::parse(
+        let database = parse_database_url(
             get("DATABASE_URL")
                 .as_deref()
                 .unwrap_or(DEFAULT_DATABASE_URL),
@@ -584,7 +492,7 @@ mod tests {
             ),
         ];
         for (url, expected) in cases {
-            assert_eq!(DatabaseTarget::parse(url).unwrap(), expected, "{url}");
+            assert_eq!(parse_database_url(url).unwrap(), expected, "{url}");
         }
     }
 
@@ -597,7 +505,7 @@ mod tests {
             "sqlite://",
             "postgres://",
         ] {
-            let error = DatabaseTarget::parse(url).unwrap_err();
+            let error = parse_database_url(url).unwrap_err();
             assert_eq!(error.variable, "DATABASE_URL", "{url}");
             assert!(error.to_string().contains("DATABASE_URL"));
         }
@@ -691,7 +599,7 @@ mod tests {
 
     #[test]
     fn secret_file_sits_beside_the_database_file() {
-        let target = DatabaseTarget::parse("sqlite://data/app.db").unwrap();
+        let target = parse_database_url("sqlite://data/app.db").unwrap();
         assert_eq!(
             target.secret_file(),
             Some(PathBuf::from("data/app.db.secret"))

@@ -5,23 +5,8 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::storage::StorageError;
-
-/// One bad request field: its name exactly as in the request message, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldViolation {
-    pub field: &'static str,
-    pub description: String,
-}
-
-impl FieldViolation {
-    pub fn new(field: &'static str, description: impl Into<String>) -> Self {
-        Self {
-            field,
-            description: description.into(),
-        }
-    }
-}
+pub use crate::domain::FieldViolation;
+use crate::{domain::Violations, storage::StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -67,12 +52,32 @@ impl AppError {
     }
 }
 
+impl From<Violations> for AppError {
+    fn from(violations: Violations) -> Self {
+        Self::InvalidArgument(violations.into_inner())
+    }
+}
+
+impl From<FieldViolation> for AppError {
+    fn from(violation: FieldViolation) -> Self {
+        Self::InvalidArgument(vec![violation])
+    }
+}
+
+impl From<Violations> for Status {
+    fn from(violations: Violations) -> Self {
+        AppError::from(violations).into()
+    }
+}
+
 impl From<StorageError> for AppError {
     fn from(error: StorageError) -> Self {
         match error {
             StorageError::Conflict(field) => Self::AlreadyExists(field),
             StorageError::NotFound(what) => Self::NotFound(format!("{what} not found")),
-            StorageError::Precondition(what) => Self::FailedPrecondition(what.into()),
+            StorageError::RecipientDisabled => {
+                Self::FailedPrecondition(crate::domain::message::RECIPIENT_DISABLED.into())
+            }
             StorageError::Unavailable(source) => Self::Unavailable(source.into()),
             StorageError::Internal(source) => Self::Internal(source.into()),
         }

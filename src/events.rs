@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::{
     auth::cache::SessionCache,
+    domain::Timestamp,
     storage::{EventChannel, MessageRecord},
 };
 
@@ -166,7 +167,7 @@ impl EventHub {
         };
         match serde_json::to_string(&event) {
             Ok(payload) => {
-                if let Err(error) = remote.publish(payload).await {
+                if let Err(error) = remote.publish(payload, Timestamp::now().micros()).await {
                     tracing::warn!(error = %error, "publishing a stream event failed; delivering locally only");
                     self.deliver(Arc::new(event));
                 }

@@ -149,7 +149,12 @@ impl Application {
                 let deliver = Arc::new(move |payload: String| hub.deliver_payload(&payload));
                 Some(
                     channel
-                        .start_listener(deliver, events.connection_reporter(), stop_rx.clone())
+                        .start_listener(
+                            deliver,
+                            events.connection_reporter(),
+                            Arc::new(|| crate::domain::Timestamp::now().micros()),
+                            stop_rx.clone(),
+                        )
                         .await
                         .context("DATABASE_URL: cannot LISTEN for stream events")?,
                 )

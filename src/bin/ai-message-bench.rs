@@ -204,7 +204,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("ai-message-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let target = match &options.database_url {
-        Some(url) => DatabaseTarget::parse(url)?,
+        Some(url) => DatabaseTarget::parse(url).map_err(anyhow::Error::msg)?,
         None => DatabaseTarget::Sqlite(Some(dir.join("bench.db"))),
     };
     let log_bytes = options

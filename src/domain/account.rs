@@ -1,7 +1,7 @@
 //! Account fields and their rules (Register, CreateUser, UpdateMe, ChangePassword).
 
+use super::FieldViolation;
 use super::reject_nul;
-use crate::error::FieldViolation;
 
 /// Longest password bcrypt takes whole: it reads 72 bytes including a NUL
 /// terminator, so 71 bytes of password. Longer ones are refused, never cut.
@@ -195,7 +195,7 @@ impl NewAccount {
         email: &str,
         password: &str,
         full_name: Option<&str>,
-    ) -> Result<Self, crate::error::AppError> {
+    ) -> Result<Self, super::Violations> {
         let mut violations = super::Violations::default();
         let parsed_username = violations.check(Username::parse(username));
         let parsed_email = violations.check(Email::parse("email", email));
@@ -333,10 +333,7 @@ mod tests {
         let error = NewAccount::parse("a", "nope", "short", Some(&"n".repeat(300)))
             .err()
             .unwrap();
-        let crate::error::AppError::InvalidArgument(violations) = error else {
-            panic!("expected InvalidArgument");
-        };
-        let fields: Vec<_> = violations.iter().map(|v| v.field).collect();
+        let fields: Vec<_> = error.into_inner().iter().map(|v| v.field).collect();
         assert_eq!(fields, ["username", "email", "password", "full_name"]);
     }
 

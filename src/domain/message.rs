@@ -1,7 +1,7 @@
 //! Message fields and their rules.
 
+use super::FieldViolation;
 use super::reject_nul;
-use crate::error::FieldViolation;
 
 /// Why a message to a disabled account is refused.
 pub const RECIPIENT_DISABLED: &str = "the recipient's account is disabled";

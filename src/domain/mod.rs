@@ -6,11 +6,11 @@ mod common_passwords;
 pub mod message;
 pub mod paging;
 pub mod time;
+pub mod violation;
 
 pub use account::{Bio, Email, FullName, NewAccount, NewPassword, Username};
 pub use time::Timestamp;
-
-use crate::error::FieldViolation;
+pub use violation::{FieldViolation, Violations};
 
 /// Refuses U+0000 in a string field (contract: `INVALID_ARGUMENT`).
 pub fn reject_nul(field: &'static str, value: &str) -> Result<(), FieldViolation> {
@@ -21,44 +21,6 @@ pub fn reject_nul(field: &'static str, value: &str) -> Result<(), FieldViolation
         ))
     } else {
         Ok(())
-    }
-}
-
-/// Collects the violations of several fields so that one answer names them all.
-#[derive(Default)]
-pub struct Violations(Vec<FieldViolation>);
-
-impl Violations {
-    /// Keeps the value, or records its violation and returns `None`.
-    pub fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
-        match result {
-            Ok(value) => Some(value),
-            Err(violation) => {
-                self.0.push(violation);
-                None
-            }
-        }
-    }
-
-    pub fn push(&mut self, violation: FieldViolation) {
-        self.0.push(violation);
-    }
-
-    /// Ends the collection: every violation recorded, or else `value` (which
-    /// is present whenever nothing was recorded).
-    pub fn finish<T>(self, value: Option<T>) -> Result<T, crate::error::AppError> {
-        self.into_result()?;
-        value.ok_or_else(|| {
-            crate::error::AppError::internal(anyhow::anyhow!("a field failed without a violation"))
-        })
-    }
-
-    pub fn into_result(self) -> Result<(), crate::error::AppError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(crate::error::AppError::InvalidArgument(self.0))
-        }
     }
 }
 

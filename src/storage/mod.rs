@@ -12,15 +12,15 @@ pub mod page_cache;
 mod sql;
 mod postgres;
 mod sqlite;
+mod target;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::DatabaseTarget;
-
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+pub use target::{DatabaseTarget, redact_password};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -30,9 +30,9 @@ pub enum StorageError {
     /// The row to change does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
-    /// The rows are not in the state the change needs; says which.
-    #[error("{0}")]
-    Precondition(&'static str),
+    /// A message's recipient is disabled (or gone), so it cannot be sent.
+    #[error("the recipient cannot receive messages")]
+    RecipientDisabled,
     /// The database cannot be reached (or is busy beyond its timeout).
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
@@ -90,6 +90,10 @@ fn postgres_unavailable(code: &str) -> bool {
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// The current time in microseconds since the epoch, handed in by the caller
+/// (storage reads no clock of its own).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UserRecord {
@@ -368,7 +372,7 @@ pub struct ConversationRecord {
 pub trait MessageRepository: Send + Sync {
     /// Stores the message and updates both participants' conversation rows,
     /// in one transaction. Fails with `NotFound("recipient")` or a
-    /// `Precondition` when the recipient is missing or disabled.
+    /// `RecipientDisabled` when the recipient is missing or disabled.
     async fn insert_message(&self, message: NewMessage) -> Result<MessageRecord>;
 
     /// Stores several messages in one transaction (group commit), answering
@@ -479,8 +483,9 @@ pub trait ThrottleRepository: Send + Sync {
 /// Carries stream events between server instances sharing one database.
 #[async_trait]
 pub trait EventChannel: Send + Sync {
-    /// Sends `payload` to the listeners of every instance, this one included.
-    async fn publish(&self, payload: String) -> Result<()>;
+    /// Sends `payload` to the listeners of every instance, this one included;
+    /// `now` (microseconds) dates what is stored for it.
+    async fn publish(&self, payload: String, now: i64) -> Result<()>;
 
     /// Starts listening (connected and subscribed when this returns), then
     /// hands each payload to `deliver` until `stop` turns true. `connected`
@@ -491,6 +496,7 @@ pub trait EventChannel: Send + Sync {
         &self,
         deliver: Arc<dyn Fn(String) + Send + Sync>,
         connected: tokio::sync::watch::Sender<bool>,
+        now: Clock,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<()>>;
 }

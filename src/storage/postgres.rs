@@ -96,13 +96,9 @@ const MAX_INLINE_PAYLOAD: usize = 7900;
 const STORED_EVENT_LIFETIME_MICROS: i64 = 60_000_000;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
-fn now_micros() -> i64 {
-    crate::domain::Timestamp::now().micros()
-}
-
 #[async_trait]
 impl EventChannel for PgEventChannel {
-    async fn publish(&self, payload: String) -> Result<()> {
+    async fn publish(&self, payload: String, now: i64) -> Result<()> {
         if payload.len() <= MAX_INLINE_PAYLOAD {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL) // $1
@@ -116,7 +112,7 @@ impl EventChannel for PgEventChannel {
             )
             .bind(CHANNEL) // $1
             .bind(payload) // $2
-            .bind(now_micros()) // $3
+            .bind(now) // $3
             .execute(&self.pool)
             .await?;
         }
@@ -127,6 +123,7 @@ impl EventChannel for PgEventChannel {
         &self,
         deliver: Arc<dyn Fn(String) + Send + Sync>,
         connected: tokio::sync::watch::Sender<bool>,
+        now: super::Clock,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<()>> {
         let mut listener = listen(&self.pool).await?;
@@ -139,7 +136,7 @@ impl EventChannel for PgEventChannel {
                 let lost = tokio::select! {
                     _ = stop.changed() => return,
                     _ = sweep.tick() => {
-                        sweep_stored_events(&pool).await;
+                        sweep_stored_events(&pool, now()).await;
                         false
                     }
                     // A connection that went silent (no error, no data) is
@@ -200,8 +197,8 @@ async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener> {
     Ok(listener)
 }
 
-async fn sweep_stored_events(pool: &PgPool) {
-    let cutoff = now_micros() - STORED_EVENT_LIFETIME_MICROS;
+async fn sweep_stored_events(pool: &PgPool, now: i64) {
+    let cutoff = now - STORED_EVENT_LIFETIME_MICROS;
     if let Err(error) = sqlx::query("DELETE FROM stream_events WHERE created_at < $1")
         .bind(cutoff) // $1
         .execute(pool)

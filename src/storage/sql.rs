@@ -565,7 +565,7 @@ macro_rules! impl_repositories {
                     .iter()
                     .map(|m| match active.get(&m.recipient_id) {
                         None => Err(StorageError::NotFound("recipient")),
-                        Some(false) => Err(StorageError::Precondition($crate::domain::message::RECIPIENT_DISABLED)),
+                        Some(false) => Err(StorageError::RecipientDisabled),
                         Some(true) => Ok(()),
                     })
                     .collect();

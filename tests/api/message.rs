@@ -1026,7 +1026,7 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
         answers[1],
         Err(StorageError::NotFound("recipient"))
     ));
-    assert!(matches!(answers[2], Err(StorageError::Precondition(_))));
+    assert!(matches!(answers[2], Err(StorageError::RecipientDisabled)));
     assert_eq!(count_sent().await, 1);
     app.execute("UPDATE users SET is_active = TRUE WHERE id = $1", bob.id)
         .await;
