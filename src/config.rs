@@ -40,26 +40,63 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-#[derive(Clone)]
+/// A signing key: its `Debug` never shows the bytes, so `Config` can derive it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Secret {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Everything the server is configured with. Each field's variable and
+/// default are named in its doc; the defaults themselves live in one place,
+/// `Config::defaults`, which the parser and the tests both start from.
+#[derive(Debug, Clone)]
 pub struct Config {
+    /// `DATABASE_URL`; default `sqlite://backend.db`.
     pub database: DatabaseTarget,
+    /// `AI_MESSAGE_HOST`; default `0.0.0.0`.
     pub host: IpAddr,
-    /// 0 lets the OS pick a port (tests).
+    /// `AI_MESSAGE_PORT`; default 8000 (0 lets the OS pick one, for tests).
     pub port: u16,
-    /// Public name of the service; the `iss` of every access token.
+    /// `AI_MESSAGE_DOMAIN`: public name, the `iss` of every access token; default `localhost`.
     pub domain: String,
-    /// `None` serves plaintext.
+    /// `AI_MESSAGE_SSL_CERT` / `AI_MESSAGE_SSL_KEY`; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
-    /// HS256 signing key. `None` means "generate and keep beside the SQLite file".
-    pub secret_key: Option<Vec<u8>>,
+    /// `AI_MESSAGE_SECRET_KEY`: the HS256 key. `None` (the default) means
+    /// "generate and keep beside the SQLite file".
+    pub secret_key: Option<Secret>,
+    /// `AI_MESSAGE_ACCESS_TOKEN_TTL`; default 30 minutes.
     pub access_token_ttl: Duration,
+    /// `AI_MESSAGE_REFRESH_TOKEN_TTL`; default 7 days.
     pub refresh_token_ttl: Duration,
+    /// `AI_MESSAGE_BCRYPT_COST`; default 12.
     pub bcrypt_cost: u32,
+    /// `AI_MESSAGE_LOGIN_ACCOUNT_FAILURES`; default 10.
     pub login_account_failures: u32,
+    /// `AI_MESSAGE_LOGIN_ADDRESS_FAILURES`; default 50.
     pub login_address_failures: u32,
+    /// `AI_MESSAGE_TRUSTED_PROXIES`; default none.
     pub trusted_proxies: Vec<IpNet>,
+    /// `AI_MESSAGE_MAX_CONCURRENT_CALLS`; default 1024.
     pub max_concurrent_calls: usize,
+    /// `AI_MESSAGE_MAX_PENDING_HASHES`; default 64.
     pub max_pending_hashes: usize,
+    /// `AI_MESSAGE_REFLECTION`; default true.
     pub reflection: bool,
     /// HTTP/2 and gRPC limits (additions to the contract's variables).
     pub transport: TransportLimits,
@@ -68,26 +105,26 @@ pub struct Config {
 /// Connection-level limits, each from its own `AI_MESSAGE_*` variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportLimits {
-    /// `AI_MESSAGE_REQUEST_TIMEOUT`: deadline of a unary call (streams are not cut).
+    /// `AI_MESSAGE_REQUEST_TIMEOUT`: deadline of a unary call (streams are not cut); 30 s.
     pub request_timeout: Duration,
-    /// `AI_MESSAGE_MAX_STREAMS_PER_CONNECTION`: concurrent HTTP/2 streams per connection.
+    /// `AI_MESSAGE_MAX_STREAMS_PER_CONNECTION`: concurrent HTTP/2 streams per connection; 256.
     pub max_streams_per_connection: u32,
-    /// `AI_MESSAGE_MAX_HEADER_LIST_BYTES`: largest request header block.
+    /// `AI_MESSAGE_MAX_HEADER_LIST_BYTES`: largest request header block; 16384.
     pub max_header_list_bytes: u32,
     /// `AI_MESSAGE_KEEPALIVE_INTERVAL` / `AI_MESSAGE_KEEPALIVE_TIMEOUT`: HTTP/2
-    /// PINGs that find dead peers (also TCP keepalive).
+    /// PINGs that find dead peers (also TCP keepalive); 30 s / 10 s.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     /// `AI_MESSAGE_HANDSHAKE_TIMEOUT` (formerly `AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT`,
     /// still read): from accept, a connection must finish TLS and send its
-    /// first request within this, or it is closed.
+    /// first request within this, or it is closed; 10 s.
     pub handshake_timeout: Duration,
     /// `AI_MESSAGE_CONNECTION_IDLE_TIMEOUT`: a connection with no call in
-    /// progress for this long is closed (GOAWAY).
+    /// progress for this long is closed (GOAWAY); 5 minutes.
     pub idle_timeout: Duration,
-    /// `AI_MESSAGE_MAX_CONNECTIONS`: open connections at most; one more is closed at once.
+    /// `AI_MESSAGE_MAX_CONNECTIONS`: open connections at most; one more is closed at once; 10,000.
     pub max_connections: usize,
-    /// `AI_MESSAGE_SHUTDOWN_GRACE`: the longest a shutdown waits for running calls.
+    /// `AI_MESSAGE_SHUTDOWN_GRACE`: the longest a shutdown waits for running calls; 30 s.
     pub shutdown_grace: Duration,
 }
 
@@ -107,29 +144,6 @@ impl Default for TransportLimits {
     }
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("database", &self.database)
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("domain", &self.domain)
-            .field("tls", &self.tls)
-            .field("secret_key", &self.secret_key.as_ref().map(|_| "***"))
-            .field("access_token_ttl", &self.access_token_ttl)
-            .field("refresh_token_ttl", &self.refresh_token_ttl)
-            .field("bcrypt_cost", &self.bcrypt_cost)
-            .field("login_account_failures", &self.login_account_failures)
-            .field("login_address_failures", &self.login_address_failures)
-            .field("trusted_proxies", &self.trusted_proxies)
-            .field("max_concurrent_calls", &self.max_concurrent_calls)
-            .field("max_pending_hashes", &self.max_pending_hashes)
-            .field("reflection", &self.reflection)
-            .field("transport", &self.transport)
-            .finish()
-    }
-}
-
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://backend.db";
 pub const MIN_SECRET_KEY_BYTES: usize = 32;
 
@@ -139,28 +153,58 @@ impl Config {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
+    /// Every default, for the given database: what an unset variable means.
+    pub fn defaults(database: DatabaseTarget) -> Self {
+        Self {
+            database,
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 8000,
+            domain: "localhost".to_owned(),
+            tls: None,
+            secret_key: None,
+            access_token_ttl: Duration::from_secs(30 * 60),
+            refresh_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            bcrypt_cost: 12,
+            login_account_failures: 10,
+            login_address_failures: 50,
+            trusted_proxies: Vec::new(),
+            max_concurrent_calls: 1024,
+            max_pending_hashes: 64,
+            reflection: true,
+            transport: TransportLimits::default(),
+        }
+    }
+
     /// Builds the configuration from any variable source; `lookup` returns
     /// `None` for an unset variable.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
-
         let database = parse_database_url(
             get("DATABASE_URL")
                 .as_deref()
                 .unwrap_or(DEFAULT_DATABASE_URL),
         )?;
+        let defaults = Self::defaults(database.clone());
+        let duration = |variable: &'static str, default: Duration| match get(variable) {
+            Some(text) => parse_ttl(&text).map_err(|m| bad(variable, m)),
+            None => Ok(default),
+        };
+        let number = |variable: &'static str, default: u32| {
+            parse_number(get(variable), variable, default, 1..=1_000_000)
+        };
+        let count = |variable: &'static str, default: usize| {
+            parse_number(get(variable), variable, default, 1..=1_000_000)
+        };
+
         let host = match get("AI_MESSAGE_HOST") {
             Some(host) => host
                 .trim()
                 .parse()
                 .map_err(|_| bad("AI_MESSAGE_HOST", format!("{host:?} is not an IP address")))?,
-            None => IpAddr::from([0, 0, 0, 0]),
+            None => defaults.host,
         };
-        let port = parse_number(get("AI_MESSAGE_PORT"), "AI_MESSAGE_PORT", 8000, 0..=65535)?;
-        let domain = get("AI_MESSAGE_DOMAIN").unwrap_or_else(|| "localhost".to_owned());
-        let tls = tls_files(get("AI_MESSAGE_SSL_CERT"), get("AI_MESSAGE_SSL_KEY"))?;
         let secret_key = match lookup("AI_MESSAGE_SECRET_KEY") {
-            Some(key) if key.len() >= MIN_SECRET_KEY_BYTES => Some(key.into_bytes()),
+            Some(key) if key.len() >= MIN_SECRET_KEY_BYTES => Some(Secret(key.into_bytes())),
             Some(_) => {
                 return Err(bad(
                     "AI_MESSAGE_SECRET_KEY",
@@ -173,139 +217,116 @@ impl Config {
                     "must be set when DATABASE_URL is PostgreSQL",
                 ));
             }
-            None => None,
+            None => defaults.secret_key,
         };
-        let access_token_ttl = match get("AI_MESSAGE_ACCESS_TOKEN_TTL") {
-            Some(text) => parse_ttl(&text).map_err(|m| bad("AI_MESSAGE_ACCESS_TOKEN_TTL", m))?,
-            None => Duration::from_secs(30 * 60),
-        };
-        let refresh_token_ttl = match get("AI_MESSAGE_REFRESH_TOKEN_TTL") {
-            Some(text) => parse_ttl(&text).map_err(|m| bad("AI_MESSAGE_REFRESH_TOKEN_TTL", m))?,
-            None => Duration::from_secs(7 * 24 * 3600),
-        };
-        let bcrypt_cost = parse_number(
-            get("AI_MESSAGE_BCRYPT_COST"),
-            "AI_MESSAGE_BCRYPT_COST",
-            12,
-            4..=31,
-        )?;
-        let login_account_failures = parse_number(
-            get("AI_MESSAGE_LOGIN_ACCOUNT_FAILURES"),
-            "AI_MESSAGE_LOGIN_ACCOUNT_FAILURES",
-            10,
-            1..=1_000_000,
-        )?;
-        let login_address_failures = parse_number(
-            get("AI_MESSAGE_LOGIN_ADDRESS_FAILURES"),
-            "AI_MESSAGE_LOGIN_ADDRESS_FAILURES",
-            50,
-            1..=1_000_000,
-        )?;
-        let trusted_proxies = match get("AI_MESSAGE_TRUSTED_PROXIES") {
-            Some(list) => {
-                parse_networks(&list).map_err(|m| bad("AI_MESSAGE_TRUSTED_PROXIES", m))?
-            }
-            None => Vec::new(),
-        };
-        let max_concurrent_calls = parse_number(
-            get("AI_MESSAGE_MAX_CONCURRENT_CALLS"),
-            "AI_MESSAGE_MAX_CONCURRENT_CALLS",
-            1024,
-            1..=1_000_000,
-        )?;
-        let max_pending_hashes = parse_number(
-            get("AI_MESSAGE_MAX_PENDING_HASHES"),
-            "AI_MESSAGE_MAX_PENDING_HASHES",
-            64,
-            1..=1_000_000,
-        )?;
-        let reflection = match get("AI_MESSAGE_REFLECTION") {
-            Some(text) => parse_bool(&text).map_err(|m| bad("AI_MESSAGE_REFLECTION", m))?,
-            None => true,
-        };
-        let defaults = TransportLimits::default();
-        let duration = |variable: &'static str, default: Duration| match get(variable) {
-            Some(text) => parse_ttl(&text).map_err(|m| bad(variable, m)),
-            None => Ok(default),
-        };
+        let transport_defaults = &defaults.transport;
         let transport = TransportLimits {
-            request_timeout: duration("AI_MESSAGE_REQUEST_TIMEOUT", defaults.request_timeout)?,
-            max_streams_per_connection: parse_number(
-                get("AI_MESSAGE_MAX_STREAMS_PER_CONNECTION"),
+            request_timeout: duration(
+                "AI_MESSAGE_REQUEST_TIMEOUT",
+                transport_defaults.request_timeout,
+            )?,
+            max_streams_per_connection: number(
                 "AI_MESSAGE_MAX_STREAMS_PER_CONNECTION",
-                defaults.max_streams_per_connection,
-                1..=1_000_000,
+                transport_defaults.max_streams_per_connection,
             )?,
             max_header_list_bytes: parse_number(
                 get("AI_MESSAGE_MAX_HEADER_LIST_BYTES"),
                 "AI_MESSAGE_MAX_HEADER_LIST_BYTES",
-                defaults.max_header_list_bytes,
+                transport_defaults.max_header_list_bytes,
                 1024..=1024 * 1024,
             )?,
             keepalive_interval: duration(
                 "AI_MESSAGE_KEEPALIVE_INTERVAL",
-                defaults.keepalive_interval,
+                transport_defaults.keepalive_interval,
             )?,
             keepalive_timeout: duration(
                 "AI_MESSAGE_KEEPALIVE_TIMEOUT",
-                defaults.keepalive_timeout,
+                transport_defaults.keepalive_timeout,
             )?,
             handshake_timeout: duration(
                 "AI_MESSAGE_HANDSHAKE_TIMEOUT",
                 duration(
                     "AI_MESSAGE_TLS_HANDSHAKE_TIMEOUT",
-                    defaults.handshake_timeout,
+                    transport_defaults.handshake_timeout,
                 )?,
             )?,
-            idle_timeout: duration("AI_MESSAGE_CONNECTION_IDLE_TIMEOUT", defaults.idle_timeout)?,
+            idle_timeout: duration(
+                "AI_MESSAGE_CONNECTION_IDLE_TIMEOUT",
+                transport_defaults.idle_timeout,
+            )?,
             max_connections: parse_number(
                 get("AI_MESSAGE_MAX_CONNECTIONS"),
                 "AI_MESSAGE_MAX_CONNECTIONS",
-                defaults.max_connections,
+                transport_defaults.max_connections,
                 1..=10_000_000,
             )?,
-            shutdown_grace: duration("AI_MESSAGE_SHUTDOWN_GRACE", defaults.shutdown_grace)?,
+            shutdown_grace: duration(
+                "AI_MESSAGE_SHUTDOWN_GRACE",
+                transport_defaults.shutdown_grace,
+            )?,
         };
         Ok(Self {
+            host,
+            port: parse_number(
+                get("AI_MESSAGE_PORT"),
+                "AI_MESSAGE_PORT",
+                defaults.port,
+                0..=65535,
+            )?,
+            domain: get("AI_MESSAGE_DOMAIN").unwrap_or_else(|| defaults.domain.clone()),
+            tls: tls_files(get("AI_MESSAGE_SSL_CERT"), get("AI_MESSAGE_SSL_KEY"))?,
+            secret_key,
+            access_token_ttl: duration("AI_MESSAGE_ACCESS_TOKEN_TTL", defaults.access_token_ttl)?,
+            refresh_token_ttl: duration(
+                "AI_MESSAGE_REFRESH_TOKEN_TTL",
+                defaults.refresh_token_ttl,
+            )?,
+            bcrypt_cost: parse_number(
+                get("AI_MESSAGE_BCRYPT_COST"),
+                "AI_MESSAGE_BCRYPT_COST",
+                defaults.bcrypt_cost,
+                4..=31,
+            )?,
+            login_account_failures: number(
+                "AI_MESSAGE_LOGIN_ACCOUNT_FAILURES",
+                defaults.login_account_failures,
+            )?,
+            login_address_failures: number(
+                "AI_MESSAGE_LOGIN_ADDRESS_FAILURES",
+                defaults.login_address_failures,
+            )?,
+            trusted_proxies: match get("AI_MESSAGE_TRUSTED_PROXIES") {
+                Some(list) => {
+                    parse_networks(&list).map_err(|m| bad("AI_MESSAGE_TRUSTED_PROXIES", m))?
+                }
+                None => defaults.trusted_proxies.clone(),
+            },
+            max_concurrent_calls: count(
+                "AI_MESSAGE_MAX_CONCURRENT_CALLS",
+                defaults.max_concurrent_calls,
+            )?,
+            max_pending_hashes: count(
+                "AI_MESSAGE_MAX_PENDING_HASHES",
+                defaults.max_pending_hashes,
+            )?,
+            reflection: match get("AI_MESSAGE_REFLECTION") {
+                Some(text) => parse_bool(&text).map_err(|m| bad("AI_MESSAGE_REFLECTION", m))?,
+                None => defaults.reflection,
+            },
             transport,
             database,
-            host,
-            port,
-            domain,
-            tls,
-            secret_key,
-            access_token_ttl,
-            refresh_token_ttl,
-            bcrypt_cost,
-            login_account_failures,
-            login_address_failures,
-            trusted_proxies,
-            max_concurrent_calls,
-            max_pending_hashes,
-            reflection,
         })
     }
 
-    /// A configuration for tests and tools: defaults, the given database,
-    /// port 0 on loopback, a fixed key and the cheapest bcrypt cost.
+    /// A configuration for tests and tools: the defaults, with the given
+    /// database, port 0 on loopback, a fixed key and the cheapest bcrypt cost.
     pub fn for_tests(database: DatabaseTarget) -> Self {
         Self {
-            database,
             host: IpAddr::from([127, 0, 0, 1]),
             port: 0,
-            domain: "localhost".to_owned(),
-            tls: None,
-            secret_key: Some(b"test-secret-key-of-at-least-32-bytes!".to_vec()),
-            access_token_ttl: Duration::from_secs(30 * 60),
-            refresh_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            secret_key: Some(Secret(b"test-secret-key-of-at-least-32-bytes!".to_vec())),
             bcrypt_cost: 4,
-            login_account_failures: 10,
-            login_address_failures: 50,
-            trusted_proxies: Vec::new(),
-            max_concurrent_calls: 1024,
-            max_pending_hashes: 64,
-            reflection: true,
-            transport: TransportLimits::default(),
+            ..Self::defaults(database)
         }
     }
 }
@@ -520,7 +541,7 @@ mod tests {
             ("DATABASE_URL", "postgres://h/db"),
             ("AI_MESSAGE_SECRET_KEY", &key),
         ]);
-        assert_eq!(ok.unwrap().secret_key.unwrap(), key.as_bytes());
+        assert_eq!(ok.unwrap().secret_key.unwrap().expose(), key.as_bytes());
     }
 
     #[test]
@@ -605,6 +626,40 @@ mod tests {
             Some(PathBuf::from("data/app.db.secret"))
         );
         assert_eq!(DatabaseTarget::Sqlite(None).secret_file(), None);
+    }
+
+    /// `.env.example` lists every variable with its default: read as a
+    /// configuration it must give exactly the defaults.
+    #[test]
+    fn the_example_env_file_states_the_defaults() {
+        let example = include_str!("../.env.example");
+        let values: std::collections::HashMap<&str, &str> = example
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split_once('='))
+            .collect();
+        let from_example =
+            Config::from_lookup(|name| values.get(name).map(|v| (*v).to_owned())).unwrap();
+        let defaults = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
+        assert_eq!(
+            format!("{defaults:?}"),
+            format!(
+                "{:?}",
+                Config::defaults(parse_database_url(DEFAULT_DATABASE_URL).unwrap())
+            )
+        );
+        for variable in [
+            "AI_MESSAGE_HANDSHAKE_TIMEOUT",
+            "AI_MESSAGE_CONNECTION_IDLE_TIMEOUT",
+            "AI_MESSAGE_MAX_CONNECTIONS",
+            "AI_MESSAGE_SHUTDOWN_GRACE",
+        ] {
+            assert!(
+                values.contains_key(variable),
+                "{variable} is not in .env.example"
+            );
+        }
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub async fn connect_database(target: &DatabaseTarget) -> anyhow::Result<Arc<dyn
 /// kept in a 0600 file beside the database, else (in-memory) a random one.
 pub fn resolve_secret_key(config: &Config) -> anyhow::Result<Vec<u8>> {
     if let Some(key) = &config.secret_key {
-        return Ok(key.clone());
+        return Ok(key.expose().to_vec());
     }
     let generated = || {
         let mut bytes = [0u8; 48];

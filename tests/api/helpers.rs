@@ -195,7 +195,7 @@ pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config
         DatabaseTarget::Sqlite(None) => unreachable!("tests use files"),
     };
     let mut config = Config::for_tests(target);
-    config.secret_key = Some(TEST_SECRET.to_vec());
+    config.secret_key = Some(TEST_SECRET.to_vec().into());
     customize(&mut config);
     let app = Application::build(config.clone()).await.unwrap();
     let port = app.port();
