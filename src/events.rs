@@ -199,6 +199,20 @@ impl EventHub {
         }
     }
 
+    /// Call after any write that changes a user, their sessions or their
+    /// roles: this instance forgets the user at once, other instances as
+    /// soon as the event reaches them, and open streams re-check their session.
+    pub async fn user_changed(&self, user_id: i64) {
+        self.sessions.invalidate_user(user_id);
+        self.publish(HubEvent::UserChanged { user_id }).await;
+    }
+
+    /// Like `user_changed`, for a change that touches many users.
+    pub async fn all_users_changed(&self) {
+        self.sessions.clear();
+        self.publish(HubEvent::AllUsersChanged).await;
+    }
+
     /// Users with a channel on this instance (for tests and metrics).
     pub fn subscribed_users(&self) -> usize {
         self.lock().len()

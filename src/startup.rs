@@ -12,7 +12,8 @@ use tonic_health::ServingStatus;
 
 use crate::{
     auth::{
-        BearerInterceptor, PasswordHasher, TokenService, cache::SessionCache, throttle::Throttle,
+        Authenticator, BearerInterceptor, PasswordHasher, TokenService, cache::SessionCache,
+        throttle::Throttle,
     },
     config::{Config, DatabaseTarget, redact_password},
     connections::{self, ConnectionLimits},
@@ -169,6 +170,7 @@ impl Application {
             state: Arc::new(AppState {
                 throttle: Throttle::new(Arc::clone(&db), &config),
                 message_writer: MessageWriter::start(Arc::clone(&db)),
+                auth: Authenticator::new(Arc::clone(&db), Arc::clone(&sessions)),
                 db,
                 tokens,
                 hasher,

@@ -108,15 +108,14 @@ impl SessionCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::UserRecord;
+    use crate::storage::UserProfile;
 
     fn live(user_id: i64) -> LiveSession {
         LiveSession {
-            user: UserRecord {
+            user: UserProfile {
                 id: user_id,
                 username: "u".into(),
                 email: "u@x.io".into(),
-                password_hash: String::new(),
                 full_name: None,
                 bio: None,
                 is_active: true,

@@ -11,7 +11,7 @@ use crate::{
     domain::{self, Bio, Email, FullName, NewAccount, NewPassword, Timestamp, Violations},
     error::AppError,
     proto::{self, auth_service_server::AuthService},
-    storage::{NewSession, ProfileChanges, RefreshOutcome},
+    storage::{NewSession, ProfileChanges, RefreshOutcome, UserProfile},
 };
 
 /// The one answer for every failed login, so that it reveals nothing.
@@ -188,7 +188,7 @@ impl AuthApi {
                     peer = ?peer,
                     "spent refresh token presented again; session revoked"
                 );
-                self.state.user_changed(user_id).await;
+                self.state.events.user_changed(user_id).await;
                 return Err(AppError::Unauthenticated(REFRESH_FAILED));
             }
             RefreshOutcome::Invalid => return Err(AppError::Unauthenticated(REFRESH_FAILED)),
@@ -234,9 +234,9 @@ impl AuthApi {
             .db
             .update_profile(caller.user.id, changes, Timestamp::now().micros())
             .await?;
-        self.state.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id).await;
         Ok(proto::UpdateMeResponse {
-            user: Some(self.state.user_proto(&user).await?),
+            user: Some(self.state.user_proto(&UserProfile::from(&user)).await?),
         })
     }
 
@@ -264,11 +264,18 @@ impl AuthApi {
         if !throttle.reserve(Some(&account_key), None).await? {
             return Err(AppError::ResourceExhausted(THROTTLED));
         }
-        let hasher = &self.state.hasher;
-        if !hasher
-            .verify(&body.current_password, &caller.user.password_hash)
+        // The caller carries no hash: read it for this one check.
+        let current_hash = self
+            .state
+            .db
+            .find_user(caller.user.id)
             .await?
-        {
+            .ok_or(AppError::Unauthenticated(
+                "the session has ended; log in again",
+            ))?
+            .password_hash;
+        let hasher = &self.state.hasher;
+        if !hasher.verify(&body.current_password, &current_hash).await? {
             tracing::info!(target: "audit", user_id = caller.user.id, peer = ?caller.peer, session_id = caller.session_id, "password change refused: wrong current password");
             return Err(AppError::invalid(
                 "current_password",
@@ -293,7 +300,7 @@ impl AuthApi {
             session_id = caller.session_id,
             "password changed"
         );
-        self.state.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id).await;
         Ok(())
     }
 
@@ -310,6 +317,7 @@ impl AuthApi {
         };
         let Some(cached) = self
             .state
+            .auth
             .live_session(session_id, user_id, now.micros())
             .await?
         else {
@@ -373,7 +381,7 @@ impl AuthService for AuthApi {
         };
         tracing::info!(target: "audit", user_id = user.id, peer = ?peer, "user registered");
         Ok(Response::new(proto::RegisterResponse {
-            user: Some(user_to_proto(&user, Vec::new())),
+            user: Some(user_to_proto(&UserProfile::from(&user), Vec::new())),
         }))
     }
 
@@ -411,7 +419,7 @@ impl AuthService for AuthApi {
             session_id = caller.session_id,
             "logout"
         );
-        self.state.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id).await;
         Ok(Response::new(proto::LogoutResponse {}))
     }
 
@@ -433,7 +441,7 @@ impl AuthService for AuthApi {
             revoked,
             "logout from every session"
         );
-        self.state.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id).await;
         Ok(Response::new(proto::LogoutAllResponse {
             revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
         }))

@@ -3,14 +3,14 @@
 use crate::{
     domain::Timestamp,
     proto,
-    storage::{MessageRecord, RoleRecord, SessionRecord, UserRecord},
+    storage::{MessageRecord, RoleRecord, SessionRecord, UserProfile},
 };
 
 fn timestamp(micros: i64) -> Option<prost_types::Timestamp> {
     Some(Timestamp::from_micros(micros).to_proto())
 }
 
-pub fn user_to_proto(user: &UserRecord, roles: Vec<String>) -> proto::User {
+pub fn user_to_proto(user: &UserProfile, roles: Vec<String>) -> proto::User {
     proto::User {
         id: user.id,
         username: user.username.clone(),

@@ -335,7 +335,7 @@ impl MessageApi {
                         // A failed check (database down) is retried at the next recheck.
                         HubEvent::AllUsersChanged => {}
                         HubEvent::UserChanged { .. } => {
-                            if matches!(state.session_is_live(session_id, user_id).await, Ok(false)) {
+                            if matches!(state.auth.session_is_live(session_id, user_id, Timestamp::now()).await, Ok(false)) {
                                 break Some(session_ended());
                             }
                         }
@@ -350,7 +350,7 @@ impl MessageApi {
                 },
                 () = tokio::time::sleep_until(feed.next_recheck) => {
                     feed.next_recheck = tokio::time::Instant::now() + SESSION_RECHECK;
-                    if matches!(state.session_is_live(session_id, user_id).await, Ok(false)) {
+                    if matches!(state.auth.session_is_live(session_id, user_id, Timestamp::now()).await, Ok(false)) {
                         break Some(session_ended());
                     }
                 }

@@ -59,7 +59,7 @@ impl SessionService for SessionApi {
             return Err(AppError::NotFound("session not found".into()).into());
         }
         tracing::info!(target: "audit", user_id = caller.user.id, peer = ?caller.peer, session_id, "session revoked");
-        self.state.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id).await;
         Ok(Response::new(proto::DeleteSessionResponse {}))
     }
 }

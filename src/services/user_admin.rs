@@ -19,7 +19,7 @@ use crate::{
     },
     error::AppError,
     proto::{self, user_admin_service_server::UserAdminService},
-    storage::UserRecord,
+    storage::{UserProfile, UserRecord},
 };
 
 pub struct UserAdminApi {
@@ -45,7 +45,7 @@ impl UserAdminApi {
     }
 
     async fn user_response(&self, user: &UserRecord) -> Result<Option<proto::User>, AppError> {
-        Ok(Some(self.state.user_proto(user).await?))
+        Ok(Some(self.state.user_proto(&UserProfile::from(user)).await?))
     }
 
     async fn list_users(
@@ -97,7 +97,7 @@ impl UserAdminApi {
                         .filter(|(user_id, _)| *user_id == user.id)
                         .map(|(_, name)| name.clone())
                         .collect();
-                    user_to_proto(user, names)
+                    user_to_proto(&UserProfile::from(user), names)
                 })
                 .collect(),
             next_page_token,
@@ -157,7 +157,7 @@ impl UserAdminService for UserAdminApi {
         .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = user.id, is_superuser = user.is_superuser, "user created");
         Ok(Response::new(proto::CreateUserResponse {
-            user: Some(user_to_proto(&user, Vec::new())),
+            user: Some(user_to_proto(&UserProfile::from(&user), Vec::new())),
         }))
     }
 
@@ -174,7 +174,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user deleted");
-        self.state.user_changed(user_id).await;
+        self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::DeleteUserResponse {}))
     }
 
@@ -192,7 +192,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user disabled; sessions revoked");
-        self.state.user_changed(user_id).await;
+        self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::DisableUserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -211,7 +211,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user enabled");
-        self.state.user_changed(user_id).await;
+        self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::EnableUserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -236,7 +236,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, is_superuser, "superuser flag set");
-        self.state.user_changed(user_id).await;
+        self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::SetSuperuserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -255,7 +255,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = body.user_id, role_ids = ?body.role_ids, "user roles replaced");
-        self.state.user_changed(body.user_id).await;
+        self.state.events.user_changed(body.user_id).await;
         Ok(Response::new(proto::SetUserRolesResponse {
             roles: roles.into_iter().map(role_to_proto).collect(),
         }))
@@ -329,7 +329,7 @@ impl UserAdminService for UserAdminApi {
             .await
             .map_err(AppError::from)?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, role_id, "role deleted");
-        self.state.all_users_changed().await;
+        self.state.events.all_users_changed().await;
         Ok(Response::new(proto::DeleteRoleResponse {}))
     }
 }

@@ -109,6 +109,38 @@ pub struct UserRecord {
     pub updated_at: i64,
 }
 
+/// A user without their password hash: what an authenticated call carries
+/// (and the session cache keeps), so that no handler holds a hash it does
+/// not need.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserProfile {
+    pub id: i64,
+    pub username: String,
+    pub email: String,
+    pub full_name: Option<String>,
+    pub bio: Option<String>,
+    pub is_active: bool,
+    pub is_superuser: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl From<&UserRecord> for UserProfile {
+    fn from(user: &UserRecord) -> Self {
+        Self {
+            id: user.id,
+            username: user.username.clone(),
+            email: user.email.clone(),
+            full_name: user.full_name.clone(),
+            bio: user.bio.clone(),
+            is_active: user.is_active,
+            is_superuser: user.is_superuser,
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+        }
+    }
+}
+
 pub struct NewUser {
     pub username: String,
     /// Already lower-cased.
@@ -262,7 +294,7 @@ pub trait RoleRepository: Send + Sync {
 /// A live session and its user, as the revocation check reads them.
 #[derive(Debug, Clone)]
 pub struct LiveSession {
-    pub user: UserRecord,
+    pub user: UserProfile,
     /// The session's absolute end.
     pub expires_at: i64,
     /// When the session was last marked used (written at most once a minute).

@@ -5,34 +5,6 @@
 //! `writer()` and `begin_write()` (SQLite takes its write lock up front there),
 //! and `page_cache()` (SQLite's first pages of ListMessages, or `None`).
 
-/// `SELECT` list of a user, for queries that join.
-macro_rules! user_columns {
-    ($alias:literal) => {
-        concat!(
-            $alias,
-            ".id, ",
-            $alias,
-            ".username, ",
-            $alias,
-            ".email, ",
-            $alias,
-            ".password_hash, ",
-            $alias,
-            ".full_name, ",
-            $alias,
-            ".bio, ",
-            $alias,
-            ".is_active, ",
-            $alias,
-            ".is_superuser, ",
-            $alias,
-            ".created_at, ",
-            $alias,
-            ".updated_at"
-        )
-    };
-}
-
 macro_rules! impl_repositories {
     ($store:ty, $db:ty) => {
         /// One page of the user's messages, newest first, straight from the database.
@@ -1055,13 +1027,13 @@ macro_rules! impl_repositories {
                 #[derive(sqlx::FromRow)]
                 struct Row {
                     #[sqlx(flatten)]
-                    user: $crate::storage::UserRecord,
+                    user: $crate::storage::UserProfile,
                     session_last_used_at: i64,
                     session_expires_at: i64,
                 }
                 let row: Option<Row> = sqlx::query_as(concat!(
-                    "SELECT ",
-                    user_columns!("u"),
+                    "SELECT u.id, u.username, u.email, u.full_name, u.bio, u.is_active, \
+                     u.is_superuser, u.created_at, u.updated_at",
                     ", s.last_used_at AS session_last_used_at, s.expires_at AS session_expires_at \
                      FROM sessions s JOIN users u ON u.id = s.user_id \
                      WHERE s.id = $1 AND s.user_id = $2 AND s.is_active AND s.expires_at > $3 \

@@ -1,0 +1,146 @@
+//! Who is calling: the interceptor's verdict on the bearer token, checked on
+//! every call against the live session (is it active, unexpired, the user's,
+//! and is the user active?). Reads come from the session cache while fresh,
+//! else from the database; that read is what makes revocation immediate on
+//! every instance sharing the database. Rights (superuser, roles) come from
+//! the same read, never from the token.
+
+use std::{net::IpAddr, sync::Arc};
+
+use super::{
+    BearerOutcome,
+    cache::{CachedSession, SessionCache},
+    interceptor,
+};
+use crate::{
+    domain::Timestamp,
+    error::AppError,
+    storage::{Database, UserProfile},
+};
+
+/// `last_used_at` is written at most this often per session (one minute), so
+/// that authenticated calls do not each cost a database write.
+pub const LAST_USED_PRECISION_MICROS: i64 = 60_000_000;
+
+/// The authenticated caller of one RPC: a live session of an active user.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The user as of this call, without their password hash.
+    pub user: UserProfile,
+    /// The user's role names, as of this call.
+    pub roles: Vec<String>,
+    pub session_id: i64,
+    /// The session's absolute end (microseconds).
+    pub session_expires_at: i64,
+    /// The client's address, for audit events.
+    pub peer: Option<IpAddr>,
+}
+
+pub struct Authenticator {
+    db: Arc<dyn Database>,
+    sessions: Arc<SessionCache>,
+}
+
+impl Authenticator {
+    pub fn new(db: Arc<dyn Database>, sessions: Arc<SessionCache>) -> Self {
+        Self { db, sessions }
+    }
+
+    /// The caller behind `bearer` (the interceptor's verdict; `None` when no
+    /// interceptor ran), if their session is live at `now`.
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&BearerOutcome>,
+        peer: Option<IpAddr>,
+        now: Timestamp,
+    ) -> Result<Caller, AppError> {
+        let access = match bearer {
+            Some(BearerOutcome::Verified(access)) => *access,
+            Some(BearerOutcome::Rejected) => {
+                return Err(AppError::Unauthenticated(interceptor::INVALID_TOKEN));
+            }
+            Some(BearerOutcome::Missing) | None => {
+                return Err(AppError::Unauthenticated(interceptor::MISSING_TOKEN));
+            }
+        };
+        let now = now.micros();
+        let cached = self
+            .live_session(access.session_id, access.user_id, now)
+            .await?
+            .ok_or(AppError::Unauthenticated(
+                "the session has ended; log in again",
+            ))?;
+        if now - cached.live.last_used_at >= LAST_USED_PRECISION_MICROS {
+            self.mark_session_used(access.session_id, now);
+        }
+        Ok(Caller {
+            user: cached.live.user,
+            roles: cached.roles,
+            session_id: access.session_id,
+            session_expires_at: cached.live.expires_at,
+            peer,
+        })
+    }
+
+    /// Like `authenticate`, for a caller who must be a superuser right now.
+    pub async fn authenticate_superuser(
+        &self,
+        bearer: Option<&BearerOutcome>,
+        peer: Option<IpAddr>,
+        now: Timestamp,
+    ) -> Result<Caller, AppError> {
+        let caller = self.authenticate(bearer, peer, now).await?;
+        if !caller.user.is_superuser {
+            return Err(AppError::PermissionDenied("only superusers may do this"));
+        }
+        Ok(caller)
+    }
+
+    /// The live session with its user and roles: from the cache while fresh,
+    /// else from the database (two reads: session with user, then roles),
+    /// then cached.
+    pub async fn live_session(
+        &self,
+        session_id: i64,
+        user_id: i64,
+        now: i64,
+    ) -> Result<Option<CachedSession>, AppError> {
+        if let Some(cached) = self.sessions.get(session_id, user_id, now) {
+            return Ok(Some(cached));
+        }
+        let generation = self.sessions.generation();
+        let Some(live) = self.db.find_live_session(session_id, user_id, now).await? else {
+            return Ok(None);
+        };
+        let roles = self.db.role_names(user_id).await?;
+        let entry = CachedSession::fresh(live, roles);
+        self.sessions.insert(session_id, entry.clone(), generation);
+        Ok(Some(entry))
+    }
+
+    /// True while the session is live and its user active (always read fresh).
+    pub async fn session_is_live(
+        &self,
+        session_id: i64,
+        user_id: i64,
+        now: Timestamp,
+    ) -> Result<bool, AppError> {
+        Ok(self
+            .db
+            .find_live_session(session_id, user_id, now.micros())
+            .await?
+            .is_some())
+    }
+
+    /// Records use of a session in the background: the call does not wait
+    /// for the write, and a failure only leaves `last_used_at` a little older.
+    fn mark_session_used(&self, session_id: i64, now: i64) {
+        self.sessions.mark_used(session_id, now);
+        let db = Arc::clone(&self.db);
+        tokio::spawn(async move {
+            if let Err(error) = db.touch_session(session_id, now).await {
+                tracing::debug!(session_id, error = %error, "could not update last_used_at");
+            }
+        });
+    }
+}
