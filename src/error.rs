@@ -70,6 +70,12 @@ impl From<Violations> for Status {
     }
 }
 
+impl From<StorageError> for Status {
+    fn from(error: StorageError) -> Self {
+        AppError::from(error).into()
+    }
+}
+
 impl From<StorageError> for AppError {
     fn from(error: StorageError) -> Self {
         match error {

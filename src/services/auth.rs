@@ -410,8 +410,7 @@ impl AuthService for AuthApi {
         self.state
             .db
             .revoke_session(caller.session_id, caller.user.id, Timestamp::now().micros())
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,
@@ -432,8 +431,7 @@ impl AuthService for AuthApi {
             .state
             .db
             .revoke_user_sessions(caller.user.id, Timestamp::now().micros())
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,

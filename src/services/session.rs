@@ -32,8 +32,7 @@ impl SessionService for SessionApi {
             .state
             .db
             .list_live_sessions(caller.user.id, Timestamp::now().micros())
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         Ok(Response::new(proto::ListSessionsResponse {
             sessions: sessions
                 .into_iter()
@@ -53,8 +52,7 @@ impl SessionService for SessionApi {
             .state
             .db
             .revoke_session(session_id, caller.user.id, Timestamp::now().micros())
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         if !revoked {
             return Err(AppError::NotFound("session not found".into()).into());
         }

@@ -168,11 +168,7 @@ impl UserAdminService for UserAdminApi {
         let caller = self.state.authenticate_superuser(&request).await?;
         let user_id = request.get_ref().user_id;
         Self::refuse_self(&caller, user_id, "delete")?;
-        self.state
-            .db
-            .delete_user(user_id)
-            .await
-            .map_err(AppError::from)?;
+        self.state.db.delete_user(user_id).await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user deleted");
         self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::DeleteUserResponse {}))
@@ -189,8 +185,7 @@ impl UserAdminService for UserAdminApi {
             .state
             .db
             .set_user_active(user_id, false, Timestamp::now().micros())
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user disabled; sessions revoked");
         self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::DisableUserResponse {
@@ -208,8 +203,7 @@ impl UserAdminService for UserAdminApi {
             .state
             .db
             .set_user_active(user_id, true, Timestamp::now().micros())
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user enabled");
         self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::EnableUserResponse {
@@ -233,8 +227,7 @@ impl UserAdminService for UserAdminApi {
             .state
             .db
             .set_superuser(user_id, is_superuser, Timestamp::now().micros())
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, is_superuser, "superuser flag set");
         self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::SetSuperuserResponse {
@@ -252,8 +245,7 @@ impl UserAdminService for UserAdminApi {
             .state
             .db
             .set_user_roles(body.user_id, &body.role_ids)
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = body.user_id, role_ids = ?body.role_ids, "user roles replaced");
         self.state.events.user_changed(body.user_id).await;
         Ok(Response::new(proto::SetUserRolesResponse {
@@ -266,12 +258,7 @@ impl UserAdminService for UserAdminApi {
         request: Request<proto::GetUserRolesRequest>,
     ) -> Result<Response<proto::GetUserRolesResponse>, Status> {
         self.state.authenticate_superuser(&request).await?;
-        let roles = self
-            .state
-            .db
-            .user_roles(request.get_ref().user_id)
-            .await
-            .map_err(AppError::from)?;
+        let roles = self.state.db.user_roles(request.get_ref().user_id).await?;
         Ok(Response::new(proto::GetUserRolesResponse {
             roles: roles.into_iter().map(role_to_proto).collect(),
         }))
@@ -282,7 +269,7 @@ impl UserAdminService for UserAdminApi {
         request: Request<proto::ListRolesRequest>,
     ) -> Result<Response<proto::ListRolesResponse>, Status> {
         self.state.authenticate_superuser(&request).await?;
-        let roles = self.state.db.list_roles().await.map_err(AppError::from)?;
+        let roles = self.state.db.list_roles().await?;
         Ok(Response::new(proto::ListRolesResponse {
             roles: roles.into_iter().map(role_to_proto).collect(),
         }))
@@ -309,8 +296,7 @@ impl UserAdminService for UserAdminApi {
                 description.as_deref(),
                 Timestamp::now().micros(),
             )
-            .await
-            .map_err(AppError::from)?;
+            .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, role_id = role.id, "role created");
         Ok(Response::new(proto::CreateRoleResponse {
             role: Some(role_to_proto(role)),
@@ -323,11 +309,7 @@ impl UserAdminService for UserAdminApi {
     ) -> Result<Response<proto::DeleteRoleResponse>, Status> {
         let caller = self.state.authenticate_superuser(&request).await?;
         let role_id = request.get_ref().role_id;
-        self.state
-            .db
-            .delete_role(role_id)
-            .await
-            .map_err(AppError::from)?;
+        self.state.db.delete_role(role_id).await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, role_id, "role deleted");
         self.state.events.all_users_changed().await;
         Ok(Response::new(proto::DeleteRoleResponse {}))
