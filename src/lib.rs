@@ -19,3 +19,5 @@ pub mod services;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+#[cfg(feature = "test-support")]
+pub mod testing;

@@ -17,13 +17,11 @@ use std::{
 
 use ai_message::{
     config::{Config, DatabaseTarget},
-    domain::Timestamp,
     proto::{
         self, auth_service_client::AuthServiceClient, message_service_client::MessageServiceClient,
     },
-    services::AppState,
     startup::Application,
-    storage::{NewSession, NewUser},
+    testing::Seeder,
 };
 use tonic::{Request, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -37,47 +35,33 @@ const ALL_SCENARIOS: [&str; 8] = [
     "health", "getme", "validate", "send", "list", "login", "stream", "idle",
 ];
 
+/// Load generator for ai-message: starts the server in this process on a
+/// fresh database and drives it with real tonic clients.
+#[derive(clap::Parser)]
+#[command(name = "ai-message-bench")]
 struct Options {
+    /// Seconds per scenario.
+    #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Callers in flight.
+    #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// HTTP/2 connections the callers share.
+    #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Comma-separated scenarios (`logs` is not in the default set).
+    #[arg(long, value_delimiter = ',', default_values_t = ALL_SCENARIOS.map(String::from))]
     scenarios: Vec<String>,
+    /// An empty database to run on (PostgreSQL: pgbench runs beside it);
+    /// default a fresh SQLite file.
+    #[arg(long)]
     database_url: Option<String>,
+    /// bcrypt cost of the server (the Login scenarios measure it).
+    #[arg(long, default_value_t = 12)]
     bcrypt_cost: u32,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
     json: Option<std::path::PathBuf>,
-}
-
-fn options() -> Result<Options, String> {
-    let mut options = Options {
-        seconds: 5,
-        concurrency: 64,
-        connections: 4,
-        scenarios: ALL_SCENARIOS.map(String::from).to_vec(),
-        database_url: None,
-        bcrypt_cost: 12,
-        json: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--seconds" => options.seconds = value()?.parse().map_err(|_| "--seconds: a number")?,
-            "--concurrency" => {
-                options.concurrency = value()?.parse().map_err(|_| "--concurrency: a number")?
-            }
-            "--connections" => {
-                options.connections = value()?.parse().map_err(|_| "--connections: a number")?
-            }
-            "--bcrypt-cost" => {
-                options.bcrypt_cost = value()?.parse().map_err(|_| "--bcrypt-cost: a number")?
-            }
-            "--scenarios" => options.scenarios = value()?.split(',').map(str::to_owned).collect(),
-            "--database-url" => options.database_url = Some(value()?),
-            "--json" => options.json = Some(value()?.into()),
-            other => return Err(format!("unknown option {other}")),
-        }
-    }
-    Ok(options)
 }
 
 /// Latencies of one scenario, in microseconds.
@@ -187,13 +171,7 @@ async fn main() {
         }
         return;
     }
-    let options = match options() {
-        Ok(options) => options,
-        Err(message) => {
-            eprintln!("{message}");
-            std::process::exit(2);
-        }
-    };
+    let options = <Options as clap::Parser>::parse();
     if let Err(error) = run_all(options).await {
         eprintln!("benchmark failed: {error:#}");
         std::process::exit(1);
@@ -219,7 +197,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     config.login_address_failures = 1_000_000_000;
     let app = Application::build(config).await?;
     let port = app.port();
-    let state = app.state();
+    let seeder = Seeder::new(&app)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
@@ -375,18 +353,8 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 // One user with 10,000 messages, written straight to storage.
                 let (reader, sender) = (ids[0], ids[1]);
                 for i in 0..10_000 {
-                    state
-                        .db
-                        .insert_message(ai_message::storage::NewMessage {
-                            sender_id: sender,
-                            recipient_id: reader,
-                            content: format!("stored message {i}"),
-                            parent_id: None,
-                            conversation_id: ai_message::domain::message::default_conversation_id(
-                                reader, sender,
-                            ),
-                            now: Timestamp::now().micros(),
-                        })
+                    seeder
+                        .message(sender, reader, format!("stored message {i}"))
                         .await?;
                 }
                 let clients: Vec<_> = (0..concurrency)
@@ -499,7 +467,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
             }
             "stream" => {
                 let sample =
-                    stream_delivery(&state, port, &channels, &tokens, 16, duration).await?;
+                    stream_delivery(&seeder, port, &channels, &tokens, 16, duration).await?;
                 rows.push(Row {
                     name: format!("Stream delivery ({STREAMS} streams, 2k/s)"),
                     sample,
@@ -657,45 +625,13 @@ const STREAM_SEND_RATE: f64 = 2_000.0;
 /// Users made straight in storage with a session and an access token each:
 /// registering thousands through the API would mostly time bcrypt.
 async fn mint_users(
-    state: &Arc<AppState>,
+    seeder: &Seeder,
     prefix: &str,
     count: usize,
 ) -> anyhow::Result<Vec<(i64, String)>> {
-    let password_hash = bcrypt::hash("not used for logging in", 4)?;
     let mut users = Vec::with_capacity(count);
     for i in 0..count {
-        let now = Timestamp::now();
-        let username = format!("{prefix}{i}");
-        let user = state
-            .db
-            .create_user(NewUser {
-                email: format!("{username}@example.com"),
-                username,
-                password_hash: password_hash.clone(),
-                full_name: None,
-                is_superuser: false,
-                now: now.micros(),
-            })
-            .await?;
-        let expires_at = now.micros() + 86_400_000_000;
-        let session = state
-            .db
-            .create_session(NewSession {
-                user_id: user.id,
-                device_info: None,
-                ip_address: None,
-                now: now.micros(),
-                expires_at,
-                refresh_token_hash: format!("{prefix}{i}").into_bytes(),
-            })
-            .await?;
-        let (token, _) = state.tokens.issue_access(
-            user.id,
-            session.id,
-            now,
-            Timestamp::from_micros(expires_at),
-        )?;
-        users.push((user.id, token));
+        users.push(seeder.user_with_session(&format!("{prefix}{i}")).await?);
     }
     Ok(users)
 }
@@ -714,9 +650,9 @@ async fn connect_many(port: u16, count: usize) -> anyhow::Result<Vec<Channel>> {
 }
 
 /// Waits until the hub has `users` subscribed users (every stream is open).
-async fn until_subscribed(state: &AppState, users: usize) -> anyhow::Result<()> {
+async fn until_subscribed(seeder: &Seeder, users: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while state.events.subscribed_users() < users {
+    while seeder.subscribed_users() < users {
         anyhow::ensure!(
             Instant::now() < deadline,
             "streams did not open within 60 s"
@@ -730,14 +666,14 @@ async fn until_subscribed(state: &AppState, users: usize) -> anyhow::Result<()> 
 /// streaming users, each message carrying its send time; the sample's
 /// latencies are deliveries.
 async fn stream_delivery(
-    state: &Arc<AppState>,
+    seeder: &Seeder,
     port: u16,
     channels: &[Channel],
     tokens: &Arc<Vec<String>>,
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<Sample> {
-    let streamers = mint_users(state, "streamer", STREAMS).await?;
+    let streamers = mint_users(seeder, "streamer", STREAMS).await?;
     let stream_channels = connect_many(port, STREAMS.div_ceil(200)).await?;
     let origin = Instant::now();
     let deliveries = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -763,7 +699,7 @@ async fn stream_delivery(
             }
         }));
     }
-    until_subscribed(state, STREAMS).await?;
+    until_subscribed(seeder, STREAMS).await?;
     let recipients: Arc<Vec<i64>> = Arc::new(streamers.iter().map(|(id, _)| *id).collect());
     let clients: Vec<_> = (0..concurrency)
         .map(|w| MessageServiceClient::new(channels[w % channels.len()].clone()))
@@ -814,8 +750,8 @@ async fn idle_server(dir: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::for_tests(DatabaseTarget::Sqlite(Some(dir.join("idle.db"))));
     let app = Application::build(config).await?;
     let port = app.port();
-    let state = app.state();
-    let users = mint_users(&state, "idler", IDLE_USERS).await?;
+    let seeder = Seeder::new(&app)?;
+    let users = mint_users(&seeder, "idler", IDLE_USERS).await?;
     let tokens: Vec<String> = users.into_iter().map(|(_, token)| token).collect();
     std::fs::write(dir.join("tokens"), tokens.join("\n"))?;
     std::fs::write(dir.join("port.tmp"), port.to_string())?;
