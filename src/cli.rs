@@ -134,7 +134,14 @@ async fn create_superuser(
         .await
         .context("DATABASE_URL: applying migrations failed")?;
     let hasher = PasswordHasher::new(config.bcrypt_cost, 1);
-    let created = create_account(db.as_ref(), &hasher, account, true).await;
+    let created = create_account(
+        db.as_ref(),
+        &hasher,
+        account,
+        true,
+        crate::domain::Clock::now(&crate::domain::SystemClock),
+    )
+    .await;
     db.close().await;
     match created {
         Ok(user) => {

@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::{
     auth::cache::SessionCache,
-    domain::Timestamp,
+    domain::Clock,
     storage::{EventChannel, MessageRecord},
 };
 
@@ -71,6 +71,8 @@ pub struct EventHub {
     remote: Option<Arc<dyn EventChannel>>,
     /// Forgets users that another instance changed.
     sessions: Arc<SessionCache>,
+    /// Dates stored events.
+    clock: Arc<dyn Clock>,
     /// Whether every event of every instance reaches this hub right now:
     /// always without a remote channel, else as its listener reports.
     connected: watch::Sender<bool>,
@@ -109,12 +111,17 @@ impl Drop for Subscription {
 }
 
 impl EventHub {
-    pub fn new(remote: Option<Arc<dyn EventChannel>>, sessions: Arc<SessionCache>) -> Arc<Self> {
+    pub fn new(
+        remote: Option<Arc<dyn EventChannel>>,
+        sessions: Arc<SessionCache>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
         let (connected, _) = watch::channel(remote.is_none());
         Arc::new(Self {
             channels: Mutex::new(HashMap::new()),
             remote,
             sessions,
+            clock,
             connected,
         })
     }
@@ -167,7 +174,7 @@ impl EventHub {
         };
         match serde_json::to_string(&event) {
             Ok(payload) => {
-                if let Err(error) = remote.publish(payload, Timestamp::now().micros()).await {
+                if let Err(error) = remote.publish(payload, self.clock.now().micros()).await {
                     tracing::warn!(error = %error, "publishing a stream event failed; delivering locally only");
                     self.deliver(Arc::new(event));
                 }
@@ -239,7 +246,11 @@ mod tests {
 
     #[tokio::test]
     async fn events_reach_sender_and_recipient_and_nobody_else() {
-        let hub = EventHub::new(None, Default::default());
+        let hub = EventHub::new(
+            None,
+            Default::default(),
+            Arc::new(crate::domain::SystemClock),
+        );
         let mut sender = hub.subscribe(1).unwrap();
         let mut recipient = hub.subscribe(2).unwrap();
         let mut stranger = hub.subscribe(3).unwrap();
@@ -255,7 +266,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_note_to_oneself_arrives_once() {
-        let hub = EventHub::new(None, Default::default());
+        let hub = EventHub::new(
+            None,
+            Default::default(),
+            Arc::new(crate::domain::SystemClock),
+        );
         let mut me = hub.subscribe(1).unwrap();
         hub.publish(HubEvent::Message {
             change: MessageChange::Created,
@@ -268,7 +283,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_is_told_it_lagged() {
-        let hub = EventHub::new(None, Default::default());
+        let hub = EventHub::new(
+            None,
+            Default::default(),
+            Arc::new(crate::domain::SystemClock),
+        );
         let mut slow = hub.subscribe(1).unwrap();
         for _ in 0..=USER_CHANNEL_CAPACITY {
             hub.publish(HubEvent::UserChanged { user_id: 1 }).await;
@@ -281,7 +300,11 @@ mod tests {
 
     #[test]
     fn channels_go_away_with_their_last_subscriber() {
-        let hub = EventHub::new(None, Default::default());
+        let hub = EventHub::new(
+            None,
+            Default::default(),
+            Arc::new(crate::domain::SystemClock),
+        );
         let first = hub.subscribe(7).unwrap();
         let second = hub.subscribe(7).unwrap();
         assert_eq!(hub.subscribed_users(), 1);
@@ -293,7 +316,11 @@ mod tests {
 
     #[test]
     fn no_subscription_while_the_channel_is_down_and_open_ones_are_told() {
-        let hub = EventHub::new(None, Default::default());
+        let hub = EventHub::new(
+            None,
+            Default::default(),
+            Arc::new(crate::domain::SystemClock),
+        );
         let open = hub.subscribe(1).unwrap();
         hub.connection_reporter().send_replace(false);
         assert!(!*open.connected.borrow());
@@ -308,7 +335,11 @@ mod tests {
             change: MessageChange::Read,
             message: message(4, 5),
         };
-        let hub = EventHub::new(None, Default::default());
+        let hub = EventHub::new(
+            None,
+            Default::default(),
+            Arc::new(crate::domain::SystemClock),
+        );
         let mut recipient = hub.subscribe(5).unwrap();
         hub.deliver_payload(&serde_json::to_string(&event).unwrap());
         assert_eq!(*recipient.receiver.try_recv().unwrap(), event);

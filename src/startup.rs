@@ -17,6 +17,7 @@ use crate::{
     },
     config::{Config, DatabaseTarget, redact_password},
     connections::{self, ConnectionLimits},
+    domain::{Clock, SystemClock},
     events::EventHub,
     proto::{
         self, auth_service_server::AuthServiceServer, message_service_server::MessageServiceServer,
@@ -111,7 +112,13 @@ pub struct Application {
 }
 
 impl Application {
+    /// Builds the server on the system clock.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Builds the server with `clock` as every rule's "now" (tests move time).
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         if config.bcrypt_cost < 10 {
             tracing::warn!(
                 cost = config.bcrypt_cost,
@@ -141,7 +148,11 @@ impl Application {
         let address = listener.local_addr()?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let sessions = Arc::new(SessionCache::default());
-        let events = EventHub::new(db.event_channel(), Arc::clone(&sessions));
+        let events = EventHub::new(
+            db.event_channel(),
+            Arc::clone(&sessions),
+            Arc::clone(&clock),
+        );
         // Listening before the first call, so a stream is subscribed on every
         // instance from the moment its headers go out.
         let event_listener = match db.event_channel() {
@@ -153,7 +164,10 @@ impl Application {
                         .start_listener(
                             deliver,
                             events.connection_reporter(),
-                            Arc::new(|| crate::domain::Timestamp::now().micros()),
+                            {
+                                let clock = Arc::clone(&clock);
+                                Arc::new(move || clock.now().micros())
+                            },
                             stop_rx.clone(),
                         )
                         .await
@@ -168,9 +182,10 @@ impl Application {
             stop: stop_tx,
             background: event_listener.into_iter().collect(),
             state: Arc::new(AppState {
-                throttle: Throttle::new(Arc::clone(&db), &config),
+                throttle: Throttle::new(Arc::clone(&db), &config, Arc::clone(&clock)),
                 message_writer: MessageWriter::start(Arc::clone(&db)),
                 auth: Authenticator::new(Arc::clone(&db), Arc::clone(&sessions)),
+                clock,
                 db,
                 tokens,
                 hasher,
@@ -228,8 +243,10 @@ impl Application {
             stop_tx.subscribe(),
         )));
 
-        let required = BearerInterceptor::required(Arc::clone(&state.tokens));
-        let optional = BearerInterceptor::optional(Arc::clone(&state.tokens));
+        let required =
+            BearerInterceptor::required(Arc::clone(&state.tokens), Arc::clone(&state.clock));
+        let optional =
+            BearerInterceptor::optional(Arc::clone(&state.tokens), Arc::clone(&state.clock));
         let auth = AuthServiceServer::new(AuthApi::new(Arc::clone(&state)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let user_admin = UserAdminServiceServer::new(UserAdminApi::new(Arc::clone(&state)))

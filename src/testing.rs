@@ -29,7 +29,7 @@ impl Seeder {
 
     /// A user named `username` with a one-day session; its id and an access token.
     pub async fn user_with_session(&self, username: &str) -> anyhow::Result<(i64, String)> {
-        let now = Timestamp::now();
+        let now = self.state.clock.now();
         let user = self
             .state
             .db
@@ -79,7 +79,7 @@ impl Seeder {
                 content,
                 parent_id: None,
                 conversation_id: default_conversation_id(recipient, sender),
-                now: Timestamp::now().micros(),
+                now: self.state.clock.now().micros(),
             })
             .await?;
         Ok(())

@@ -10,6 +10,9 @@
 //!         level, in bytes per 100,000 calls that succeed and that fail)
 //!         [--database-url postgres://...]   (then pgbench runs beside it)
 
+// The load generator measures wall time: `Instant::now` is its instrument.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},

@@ -16,6 +16,7 @@ pub async fn create_account(
     hasher: &PasswordHasher,
     account: NewAccount,
     is_superuser: bool,
+    now: Timestamp,
 ) -> Result<UserRecord, AppError> {
     let password_hash = hasher.hash(account.password.as_str()).await?;
     Ok(db
@@ -25,7 +26,7 @@ pub async fn create_account(
             password_hash,
             full_name: account.full_name.map(FullName::into_inner),
             is_superuser,
-            now: Timestamp::now().micros(),
+            now: now.micros(),
         })
         .await?)
 }

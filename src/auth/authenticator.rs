@@ -113,7 +113,7 @@ impl Authenticator {
             return Ok(None);
         };
         let roles = self.db.role_names(user_id).await?;
-        let entry = CachedSession::fresh(live, roles);
+        let entry = CachedSession::fresh(live, roles, now);
         self.sessions.insert(session_id, entry.clone(), generation);
         Ok(Some(entry))
     }

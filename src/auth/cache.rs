@@ -16,13 +16,14 @@ use std::{
         Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::storage::LiveSession;
 
 /// How long an entry may be served without a fresh read.
 pub const ENTRY_LIFETIME: Duration = Duration::from_secs(1);
+const ENTRY_LIFETIME_MICROS: i64 = ENTRY_LIFETIME.as_micros() as i64;
 /// More entries than this and the cache starts over (memory stays bounded).
 const MAX_ENTRIES: usize = 100_000;
 
@@ -30,16 +31,17 @@ const MAX_ENTRIES: usize = 100_000;
 pub struct CachedSession {
     pub live: LiveSession,
     pub roles: Vec<String>,
-    loaded_at: Instant,
+    /// When it was read (microseconds).
+    loaded_at: i64,
 }
 
 impl CachedSession {
-    /// An entry just read from the database.
-    pub fn fresh(live: LiveSession, roles: Vec<String>) -> Self {
+    /// An entry read from the database at `now_micros`.
+    pub fn fresh(live: LiveSession, roles: Vec<String>, now_micros: i64) -> Self {
         Self {
             live,
             roles,
-            loaded_at: Instant::now(),
+            loaded_at: now_micros,
         }
     }
 }
@@ -66,7 +68,7 @@ impl SessionCache {
         let entry = entries.get(&session_id)?;
         (entry.live.user.id == user_id
             && entry.live.expires_at > now_micros
-            && entry.loaded_at.elapsed() < ENTRY_LIFETIME)
+            && now_micros - entry.loaded_at < ENTRY_LIFETIME_MICROS)
             .then(|| entry.clone())
     }
 
@@ -131,7 +133,11 @@ mod tests {
     #[test]
     fn entries_are_served_only_for_their_user_and_before_expiry() {
         let cache = SessionCache::default();
-        cache.insert(7, CachedSession::fresh(live(1), vec![]), cache.generation());
+        cache.insert(
+            7,
+            CachedSession::fresh(live(1), vec![], 0),
+            cache.generation(),
+        );
         assert!(cache.get(7, 1, 999).is_some());
         assert!(cache.get(7, 2, 999).is_none(), "another user's id");
         assert!(cache.get(7, 1, 1_000).is_none(), "the session has expired");
@@ -139,12 +145,32 @@ mod tests {
     }
 
     #[test]
+    fn entries_live_one_second_of_the_callers_clock() {
+        let cache = SessionCache::default();
+        cache.insert(
+            7,
+            CachedSession::fresh(live(1), vec![], 0),
+            cache.generation(),
+        );
+        assert!(cache.get(7, 1, 999).is_some());
+        let mut long_lived = live(1);
+        long_lived.expires_at = i64::MAX;
+        cache.insert(
+            8,
+            CachedSession::fresh(long_lived, vec![], 0),
+            cache.generation(),
+        );
+        assert!(cache.get(8, 1, 999_999).is_some());
+        assert!(cache.get(8, 1, 1_000_000).is_none(), "a second old");
+    }
+
+    #[test]
     fn invalidating_a_user_forgets_all_their_sessions_only() {
         let cache = SessionCache::default();
         let generation = cache.generation();
-        cache.insert(1, CachedSession::fresh(live(10), vec![]), generation);
-        cache.insert(2, CachedSession::fresh(live(10), vec![]), generation);
-        cache.insert(3, CachedSession::fresh(live(20), vec![]), generation);
+        cache.insert(1, CachedSession::fresh(live(10), vec![], 0), generation);
+        cache.insert(2, CachedSession::fresh(live(10), vec![], 0), generation);
+        cache.insert(3, CachedSession::fresh(live(20), vec![], 0), generation);
         cache.invalidate_user(10);
         assert!(cache.get(1, 10, 0).is_none() && cache.get(2, 10, 0).is_none());
         assert!(cache.get(3, 20, 0).is_some());
@@ -157,7 +183,7 @@ mod tests {
         let cache = SessionCache::default();
         let before = cache.generation();
         cache.invalidate_user(10);
-        cache.insert(1, CachedSession::fresh(live(10), vec![]), before);
+        cache.insert(1, CachedSession::fresh(live(10), vec![], 0), before);
         assert!(cache.get(1, 10, 0).is_none());
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tonic::{Request, Status, metadata::MetadataMap, service::Interceptor};
 
 use super::tokens::{AccessToken, TokenService};
-use crate::domain::Timestamp;
+use crate::domain::Clock;
 
 /// What the interceptor found, for handlers to read from the extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,20 +27,23 @@ pub enum BearerOutcome {
 #[derive(Clone)]
 pub struct BearerInterceptor {
     tokens: Arc<TokenService>,
+    clock: Arc<dyn Clock>,
     required: bool,
 }
 
 impl BearerInterceptor {
-    pub fn required(tokens: Arc<TokenService>) -> Self {
+    pub fn required(tokens: Arc<TokenService>, clock: Arc<dyn Clock>) -> Self {
         Self {
             tokens,
+            clock,
             required: true,
         }
     }
 
-    pub fn optional(tokens: Arc<TokenService>) -> Self {
+    pub fn optional(tokens: Arc<TokenService>, clock: Arc<dyn Clock>) -> Self {
         Self {
             tokens,
+            clock,
             required: false,
         }
     }
@@ -57,7 +60,7 @@ impl BearerInterceptor {
         let Some(token) = value.to_str().ok().and_then(bearer_token) else {
             return BearerOutcome::Rejected;
         };
-        match self.tokens.verify_access(token, Timestamp::now()) {
+        match self.tokens.verify_access(token, self.clock.now()) {
             Ok(access) => BearerOutcome::Verified(access),
             Err(_) => BearerOutcome::Rejected,
         }
@@ -94,6 +97,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::domain::SystemClock;
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
@@ -122,7 +126,7 @@ mod tests {
             "localhost",
             Duration::from_secs(60),
         ));
-        let now = Timestamp::now();
+        let now = SystemClock.now();
         let (good, _) = tokens
             .issue_access(3, 9, now, now.plus(Duration::from_secs(3600)))
             .unwrap();
@@ -132,7 +136,8 @@ mod tests {
     #[test]
     fn required_mode_refuses_missing_and_bad_tokens_and_passes_good_ones() {
         let (tokens, good) = tokens_and_a_good_token();
-        let mut interceptor = BearerInterceptor::required(Arc::clone(&tokens));
+        let mut interceptor =
+            BearerInterceptor::required(Arc::clone(&tokens), Arc::new(SystemClock));
 
         let missing = interceptor.call(request_with(None)).unwrap_err();
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
@@ -157,7 +162,7 @@ mod tests {
         request
             .metadata_mut()
             .append("authorization", format!("Bearer {good}").parse().unwrap());
-        let mut interceptor = BearerInterceptor::required(tokens);
+        let mut interceptor = BearerInterceptor::required(tokens, Arc::new(SystemClock));
         let refused = interceptor.call(request).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     }
@@ -169,7 +174,7 @@ mod tests {
             "localhost",
             Duration::from_secs(60),
         ));
-        let mut interceptor = BearerInterceptor::optional(tokens);
+        let mut interceptor = BearerInterceptor::optional(tokens, Arc::new(SystemClock));
         let passed = interceptor.call(request_with(Some("Bearer junk"))).unwrap();
         assert_eq!(
             passed.extensions().get::<BearerOutcome>(),

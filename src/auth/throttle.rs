@@ -18,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     config::Config,
-    domain::Timestamp,
+    domain::{Clock, Timestamp},
     error::AppError,
     storage::{Database, ThrottleLimits},
 };
@@ -38,12 +38,14 @@ fn micros(duration: Duration) -> i64 {
 pub struct Throttle {
     db: Arc<dyn Database>,
     limits: ThrottleLimits,
+    clock: Arc<dyn Clock>,
 }
 
 impl Throttle {
-    pub fn new(db: Arc<dyn Database>, config: &Config) -> Self {
+    pub fn new(db: Arc<dyn Database>, config: &Config, clock: Arc<dyn Clock>) -> Self {
         Self {
             db,
+            clock,
             limits: ThrottleLimits {
                 account_failures: i64::from(config.login_account_failures),
                 account_delay_step: micros(ACCOUNT_DELAY_STEP),
@@ -63,7 +65,7 @@ impl Throttle {
     ) -> Result<bool, AppError> {
         Ok(self
             .db
-            .reserve_attempt(account_key, address, self.limits, Timestamp::now().micros())
+            .reserve_attempt(account_key, address, self.limits, self.clock.now().micros())
             .await?)
     }
 
@@ -93,7 +95,7 @@ impl Throttle {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tokio::select! {
-                _ = tick.tick() => match self.sweep(Timestamp::now()).await {
+                _ = tick.tick() => match self.sweep(self.clock.now()).await {
                     Ok(0) => {}
                     Ok(swept) => tracing::info!(swept, "expired login throttle rows deleted"),
                     Err(error) => tracing::warn!(error = %error, "login throttle sweep failed; retrying later"),
@@ -106,7 +108,7 @@ impl Throttle {
     pub async fn address_throttled(&self, address: &str) -> Result<bool, AppError> {
         Ok(self
             .db
-            .address_throttled(address, self.limits, Timestamp::now().micros())
+            .address_throttled(address, self.limits, self.clock.now().micros())
             .await?)
     }
 }

@@ -9,7 +9,7 @@ pub mod time;
 pub mod violation;
 
 pub use account::{Bio, Email, FullName, NewAccount, NewPassword, Username};
-pub use time::Timestamp;
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use violation::{FieldViolation, Violations};
 
 /// Refuses U+0000 in a string field (contract: `INVALID_ARGUMENT`).

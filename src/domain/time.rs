@@ -1,8 +1,54 @@
 //! Time as whole microseconds since the Unix epoch (UTC): the storage format
 //! on both backends, and cheap to compare. Functions that judge expiry take
-//! `now` as a parameter so tests need no sleeping.
+//! `now` as a parameter, and the code that needs "now" is handed a `Clock`:
+//! `SystemClock` is the one place that reads the system clock (clippy's
+//! `disallowed-methods` refuses it anywhere else), and tests can use a
+//! `ManualClock` to move time instead of sleeping.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::atomic::{AtomicI64, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+/// Where "now" comes from.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Timestamp;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // the one reader of the system clock
+    fn now(&self) -> Timestamp {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX))
+    }
+}
+
+/// A clock that moves only when told (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn starting_at(at: Timestamp) -> Self {
+        Self(AtomicI64::new(at.micros()))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let micros = i64::try_from(by.as_micros()).unwrap_or(i64::MAX);
+        self.0.fetch_add(micros, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(i64);
@@ -10,13 +56,6 @@ pub struct Timestamp(i64);
 impl Timestamp {
     pub const fn from_micros(micros: i64) -> Self {
         Self(micros)
-    }
-
-    pub fn now() -> Self {
-        let since_epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        Self(i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX))
     }
 
     pub const fn micros(self) -> i64 {

@@ -119,7 +119,7 @@ impl AuthApi {
             return Err(AppError::PermissionDenied("this account is disabled"));
         }
 
-        let now = Timestamp::now();
+        let now = self.state.clock.now();
         let session_expires_at = now.plus(self.state.config.refresh_token_ttl);
         let refresh = RefreshToken::generate();
         let session = self
@@ -160,7 +160,7 @@ impl AuthApi {
     ) -> Result<proto::RefreshTokenResponse, AppError> {
         let presented_hash = RefreshToken::hash_presented(presented)
             .ok_or(AppError::Unauthenticated(REFRESH_FAILED))?;
-        let now = Timestamp::now();
+        let now = self.state.clock.now();
         let replacement = RefreshToken::generate();
         let outcome = self
             .state
@@ -232,7 +232,7 @@ impl AuthApi {
         let user = self
             .state
             .db
-            .update_profile(caller.user.id, changes, Timestamp::now().micros())
+            .update_profile(caller.user.id, changes, self.state.clock.now().micros())
             .await?;
         self.state.events.user_changed(caller.user.id).await;
         Ok(proto::UpdateMeResponse {
@@ -290,7 +290,7 @@ impl AuthApi {
                 caller.user.id,
                 &new_hash,
                 caller.session_id,
-                Timestamp::now().micros(),
+                self.state.clock.now().micros(),
             )
             .await?;
         tracing::info!(
@@ -306,7 +306,7 @@ impl AuthApi {
 
     async fn validate(&self, token: &str) -> Result<proto::ValidateTokenResponse, AppError> {
         let inactive = proto::ValidateTokenResponse::default();
-        let now = Timestamp::now();
+        let now = self.state.clock.now();
         let Ok(AccessToken {
             user_id,
             session_id,
@@ -368,8 +368,14 @@ impl AuthService for AuthApi {
             &body.password,
             body.full_name.as_deref(),
         )?;
-        let user = match create_account(self.state.db.as_ref(), &self.state.hasher, account, false)
-            .await
+        let user = match create_account(
+            self.state.db.as_ref(),
+            &self.state.hasher,
+            account,
+            false,
+            self.state.clock.now(),
+        )
+        .await
         {
             Ok(user) => user,
             Err(taken @ AppError::AlreadyExists(_)) => {
@@ -409,7 +415,11 @@ impl AuthService for AuthApi {
         let caller = self.state.authenticate(&request).await?;
         self.state
             .db
-            .revoke_session(caller.session_id, caller.user.id, Timestamp::now().micros())
+            .revoke_session(
+                caller.session_id,
+                caller.user.id,
+                self.state.clock.now().micros(),
+            )
             .await?;
         tracing::info!(
             target: "audit",
@@ -430,7 +440,7 @@ impl AuthService for AuthApi {
         let revoked = self
             .state
             .db
-            .revoke_user_sessions(caller.user.id, Timestamp::now().micros())
+            .revoke_user_sessions(caller.user.id, self.state.clock.now().micros())
             .await?;
         tracing::info!(
             target: "audit",

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, codegen::BoxStream};
 use super::{AppState, Caller, convert::message_to_proto};
 use crate::{
     domain::{
-        Timestamp, Violations,
+        Violations,
         message::{
             MAX_MARK_READ_IDS, RECIPIENT_DISABLED, default_conversation_id, parse_content,
             parse_conversation_id,
@@ -156,7 +156,7 @@ impl MessageApi {
                 content,
                 parent_id: body.parent_id,
                 conversation_id,
-                now: Timestamp::now().micros(),
+                now: self.state.clock.now().micros(),
             })
             .await?;
         self.state
@@ -264,7 +264,7 @@ impl MessageApi {
         let changed = self
             .state
             .db
-            .mark_read(caller.user.id, &ids, Timestamp::now().micros())
+            .mark_read(caller.user.id, &ids, self.state.clock.now().micros())
             .await?;
         let count = i32::try_from(changed.len()).unwrap_or(i32::MAX);
         for message in changed {
@@ -335,7 +335,7 @@ impl MessageApi {
                         // A failed check (database down) is retried at the next recheck.
                         HubEvent::AllUsersChanged => {}
                         HubEvent::UserChanged { .. } => {
-                            if matches!(state.auth.session_is_live(session_id, user_id, Timestamp::now()).await, Ok(false)) {
+                            if matches!(state.auth.session_is_live(session_id, user_id, state.clock.now()).await, Ok(false)) {
                                 break Some(session_ended());
                             }
                         }
@@ -350,7 +350,7 @@ impl MessageApi {
                 },
                 () = tokio::time::sleep_until(feed.next_recheck) => {
                     feed.next_recheck = tokio::time::Instant::now() + SESSION_RECHECK;
-                    if matches!(state.auth.session_is_live(session_id, user_id, Timestamp::now()).await, Ok(false)) {
+                    if matches!(state.auth.session_is_live(session_id, user_id, state.clock.now()).await, Ok(false)) {
                         break Some(session_ended());
                     }
                 }
@@ -451,7 +451,7 @@ impl MessageService for MessageApi {
             })?;
         let now = tokio::time::Instant::now();
         let until_expiry = Duration::from_micros(
-            u64::try_from(caller.session_expires_at - Timestamp::now().micros()).unwrap_or(0),
+            u64::try_from(caller.session_expires_at - self.state.clock.now().micros()).unwrap_or(0),
         );
         let feed = StreamFeed {
             state: Arc::clone(&self.state),

@@ -10,7 +10,6 @@
 use std::{
     pin::Pin,
     task::{Context, Poll},
-    time::Instant,
 };
 
 use http::{HeaderMap, HeaderValue};
@@ -56,7 +55,7 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = request.uri().path().to_owned();
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let mut inner = take_ready(&mut self.inner);
         Box::pin(async move {
             let mut response = inner.call(request).await?;

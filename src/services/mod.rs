@@ -24,7 +24,7 @@ use crate::{
         throttle::Throttle,
     },
     config::Config,
-    domain::Timestamp,
+    domain::Clock,
     error::AppError,
     events::EventHub,
     storage::{Database, UserProfile, batch::MessageWriter},
@@ -41,6 +41,8 @@ pub struct AppState {
     pub sessions: Arc<SessionCache>,
     /// Checks the session behind every authenticated call.
     pub auth: Authenticator,
+    /// Where every rule's "now" comes from.
+    pub clock: Arc<dyn Clock>,
     /// Group commit for SendMessage.
     pub message_writer: MessageWriter,
     pub config: Config,
@@ -59,7 +61,7 @@ impl AppState {
             .authenticate(
                 request.extensions().get::<BearerOutcome>(),
                 client_address(request, &self.config.trusted_proxies),
-                Timestamp::now(),
+                self.clock.now(),
             )
             .await
     }
@@ -73,7 +75,7 @@ impl AppState {
             .authenticate_superuser(
                 request.extensions().get::<BearerOutcome>(),
                 client_address(request, &self.config.trusted_proxies),
-                Timestamp::now(),
+                self.clock.now(),
             )
             .await
     }

@@ -6,7 +6,6 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, convert::session_to_proto};
 use crate::{
-    domain::Timestamp,
     error::AppError,
     proto::{self, session_service_server::SessionService},
 };
@@ -31,7 +30,7 @@ impl SessionService for SessionApi {
         let sessions = self
             .state
             .db
-            .list_live_sessions(caller.user.id, Timestamp::now().micros())
+            .list_live_sessions(caller.user.id, self.state.clock.now().micros())
             .await?;
         Ok(Response::new(proto::ListSessionsResponse {
             sessions: sessions
@@ -51,7 +50,7 @@ impl SessionService for SessionApi {
         let revoked = self
             .state
             .db
-            .revoke_session(session_id, caller.user.id, Timestamp::now().micros())
+            .revoke_session(session_id, caller.user.id, self.state.clock.now().micros())
             .await?;
         if !revoked {
             return Err(AppError::NotFound("session not found".into()).into());

@@ -13,7 +13,7 @@ use super::{
 use crate::{
     auth::accounts::create_account,
     domain::{
-        self, NewAccount, Timestamp,
+        self, NewAccount,
         account::{RoleName, parse_role_description},
         paging::{PageScope, page_size},
     },
@@ -153,6 +153,7 @@ impl UserAdminService for UserAdminApi {
             &self.state.hasher,
             account,
             body.is_superuser,
+            self.state.clock.now(),
         )
         .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = user.id, is_superuser = user.is_superuser, "user created");
@@ -184,7 +185,7 @@ impl UserAdminService for UserAdminApi {
         let user = self
             .state
             .db
-            .set_user_active(user_id, false, Timestamp::now().micros())
+            .set_user_active(user_id, false, self.state.clock.now().micros())
             .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user disabled; sessions revoked");
         self.state.events.user_changed(user_id).await;
@@ -202,7 +203,7 @@ impl UserAdminService for UserAdminApi {
         let user = self
             .state
             .db
-            .set_user_active(user_id, true, Timestamp::now().micros())
+            .set_user_active(user_id, true, self.state.clock.now().micros())
             .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user enabled");
         self.state.events.user_changed(user_id).await;
@@ -226,7 +227,7 @@ impl UserAdminService for UserAdminApi {
         let user = self
             .state
             .db
-            .set_superuser(user_id, is_superuser, Timestamp::now().micros())
+            .set_superuser(user_id, is_superuser, self.state.clock.now().micros())
             .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, is_superuser, "superuser flag set");
         self.state.events.user_changed(user_id).await;
@@ -294,7 +295,7 @@ impl UserAdminService for UserAdminApi {
             .create_role(
                 name.as_str(),
                 description.as_deref(),
-                Timestamp::now().micros(),
+                self.state.clock.now().micros(),
             )
             .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, role_id = role.id, "role created");

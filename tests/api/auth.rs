@@ -241,7 +241,7 @@ async fn login_by_a_disabled_user_is_permission_denied(backend: Backend) {
     let heidi = app.register_and_login("heidi").await;
     app.state
         .db
-        .set_user_active(heidi.user_id, false, Timestamp::now().micros())
+        .set_user_active(heidi.user_id, false, app.state.clock.now().micros())
         .await
         .unwrap();
     assert_code(app.login("heidi", PASSWORD).await, Code::PermissionDenied);
@@ -282,7 +282,7 @@ async fn login_records_device_info_and_peer_address(backend: Backend) {
     let sessions = app
         .state
         .db
-        .list_live_sessions(user.id, Timestamp::now().micros())
+        .list_live_sessions(user.id, app.state.clock.now().micros())
         .await
         .unwrap();
     assert_eq!(sessions.len(), 2);
@@ -347,7 +347,7 @@ async fn bearer_scheme_is_case_insensitive(backend: Backend) {
 async fn forged_and_misused_tokens_are_unauthenticated(backend: Backend) {
     let app = spawn_app(backend).await;
     let mia = app.register_and_login("mia").await;
-    let now = Timestamp::now().seconds();
+    let now = app.state.clock.now().seconds();
     let claims = |iss: &str, aud: &str| {
         format!(
             r#"{{"sub":"{}","sid":"{}","iat":{now},"exp":{},"iss":"{iss}","aud":"{aud}","jti":"j"}}"#,
@@ -451,7 +451,7 @@ async fn expired_access_tokens_are_unauthenticated(backend: Backend) {
     let app = spawn_app(backend).await;
     let nick = app.register_and_login("nick").await;
     let tokens = TokenService::new(TEST_SECRET, "localhost", Duration::from_secs(60));
-    let issued = Timestamp::now().plus(Duration::ZERO);
+    let issued = app.state.clock.now().plus(Duration::ZERO);
     let an_hour_ago = Timestamp::from_micros(issued.micros() - 3_600_000_000);
     let (expired, exp) = tokens
         .issue_access(
@@ -472,7 +472,7 @@ async fn expired_access_tokens_are_unauthenticated(backend: Backend) {
             issued.plus(Duration::from_secs(3600)),
         )
         .unwrap();
-    assert!(exp <= Timestamp::now().seconds());
+    assert!(exp <= app.state.clock.now().seconds());
     assert_code(app.get_me(&dying).await, Code::Unauthenticated);
     app.stop().await;
 }
@@ -482,7 +482,7 @@ async fn a_token_naming_another_users_session_is_unauthenticated(backend: Backen
     let olga = app.register_and_login("olga").await;
     let pete = app.register_and_login("pete").await;
     let tokens = TokenService::new(TEST_SECRET, "localhost", Duration::from_secs(600));
-    let now = Timestamp::now();
+    let now = app.state.clock.now();
     let (mixed, _) = tokens
         .issue_access(
             pete.user_id,
@@ -796,7 +796,7 @@ async fn validate_token_reports_live_tokens_and_only_active_false_otherwise(back
     assert!(!live.is_superuser);
     assert!(live.roles.is_empty());
     let exp = live.expires_at.unwrap().seconds;
-    let now = Timestamp::now().seconds();
+    let now = app.state.clock.now().seconds();
     assert!(
         (now + 1795..=now + 1800).contains(&exp),
         "expires_at is the token's exp"

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ai_message::{domain::Timestamp, proto};
+use ai_message::proto;
 use bytes::Bytes;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -43,7 +43,7 @@ async fn is_active(app: &TestApp, token: &str) -> bool {
 async fn tokens_with_a_future_nbf_or_a_crit_header_are_unauthenticated(backend: Backend) {
     let app = spawn_app(backend).await;
     let mia = app.register_and_login("mia").await;
-    let now = Timestamp::now().seconds();
+    let now = app.state.clock.now().seconds();
     let claims = |extra: &str| {
         format!(
             r#"{{"sub":"{}","sid":"{}","iat":{now},"exp":{},"iss":"localhost","aud":"ai-message","jti":"j"{extra}}}"#,

@@ -774,7 +774,7 @@ async fn throttle_rows_untouched_for_a_day_are_swept_and_running_delays_kept(bac
     let swept = app
         .state
         .throttle
-        .sweep(ai_message::domain::Timestamp::now())
+        .sweep(app.state.clock.now())
         .await
         .unwrap();
     assert_eq!(swept, 3, "ghost, kim and the address");

@@ -311,7 +311,7 @@ impl TestApp {
         let user = self.register(username).await;
         self.state
             .db
-            .set_superuser(user.id, true, ai_message::domain::Timestamp::now().micros())
+            .set_superuser(user.id, true, self.state.clock.now().micros())
             .await
             .unwrap();
         let login = self.login(username, PASSWORD).await.unwrap();

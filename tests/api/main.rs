@@ -3,6 +3,9 @@
 //! (with `TEST_POSTGRES_URL`) on PostgreSQL, a fresh database per test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Tests time a real server with the wall clock (`Instant::now`); the rules
+// under test take their time from the server's clock (`app.state.clock`).
+#![allow(clippy::disallowed_methods)]
 
 #[macro_use]
 mod helpers;

@@ -276,11 +276,7 @@ async fn unknown_recipients_are_not_found_and_disabled_ones_a_failed_preconditio
     assert_code(send(&app, &ann, text(0, "hi")).await, Code::NotFound);
     app.state
         .db
-        .set_user_active(
-            gone.id,
-            false,
-            ai_message::domain::Timestamp::now().micros(),
-        )
+        .set_user_active(gone.id, false, app.state.clock.now().micros())
         .await
         .unwrap();
     assert_code(
@@ -994,7 +990,7 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
         content: content.into(),
         parent_id: None,
         conversation_id: "c".into(),
-        now: ai_message::domain::Timestamp::now().micros(),
+        now: app.state.clock.now().micros(),
     };
     let count_sent = || app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id);
     // One transaction: a message from a user who does not exist fails it whole.

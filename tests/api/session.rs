@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ai_message::{domain::Timestamp, proto};
+use ai_message::proto;
 use tonic::Code;
 
 use crate::helpers::{Backend, PASSWORD, TestApp, assert_code, spawn_app, with_bearer};
@@ -128,7 +128,7 @@ async fn last_used_at_follows_use_without_a_write_per_call(backend: Backend) {
         created
     );
     // Pretend the last use was an hour ago: the next call records a new one.
-    let an_hour_ago = Timestamp::now().micros() - 3_600_000_000;
+    let an_hour_ago = app.state.clock.now().micros() - 3_600_000_000;
     app.state
         .db
         .touch_session(liam.session_id, an_hour_ago)
@@ -142,7 +142,7 @@ async fn last_used_at_follows_use_without_a_write_per_call(backend: Backend) {
         last_used = app
             .state
             .db
-            .list_live_sessions(liam.user_id, Timestamp::now().micros())
+            .list_live_sessions(liam.user_id, app.state.clock.now().micros())
             .await
             .unwrap()[0]
             .last_used_at;
@@ -152,7 +152,7 @@ async fn last_used_at_follows_use_without_a_write_per_call(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        Timestamp::now().micros() - last_used < 10_000_000,
+        app.state.clock.now().micros() - last_used < 10_000_000,
         "updated to about now"
     );
     app.stop().await;
