@@ -110,12 +110,12 @@ impl From<AppError> for Status {
             // The client gets a fixed text and an id; the log line with the
             // same id has the details.
             AppError::Unavailable(source) => {
-                let request_id = new_request_id();
+                let request_id = current_request_id();
                 tracing::warn!(%request_id, error = %error_chain(source.as_ref()), "dependency unavailable");
                 Status::unavailable(format!("{message} (request id {request_id})"))
             }
             AppError::Internal(source) => {
-                let request_id = new_request_id();
+                let request_id = current_request_id();
                 tracing::error!(%request_id, error = %error_chain(source.as_ref()), "internal error");
                 Status::internal(format!("{message} (request id {request_id})"))
             }
@@ -123,8 +123,21 @@ impl From<AppError> for Status {
     }
 }
 
+tokio::task_local! {
+    /// The id of the call being served (set by the call-log layer), so that
+    /// an error's answer quotes the id its log lines carry.
+    pub static REQUEST_ID: String;
+}
+
+/// The current call's id, or a fresh one outside a call.
+fn current_request_id() -> String {
+    REQUEST_ID
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| new_request_id())
+}
+
 /// A short random id that ties a client's error to the server's log line.
-fn new_request_id() -> String {
+pub fn new_request_id() -> String {
     use rand::RngCore as _;
     let mut bytes = [0u8; 8];
     rand::rng().fill_bytes(&mut bytes);

@@ -11,6 +11,7 @@ use super::PasswordHasher;
 
 /// Hashes the password (off the async threads) and stores the user, with no
 /// roles. A taken username or email is `AlreadyExists` naming the field.
+#[tracing::instrument(level = "debug", skip_all, fields(is_superuser))]
 pub async fn create_account(
     db: &dyn Database,
     hasher: &PasswordHasher,

@@ -48,6 +48,7 @@ impl Authenticator {
 
     /// The caller behind `bearer` (the interceptor's verdict; `None` when no
     /// interceptor ran), if their session is live at `now`.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn authenticate(
         &self,
         bearer: Option<&BearerOutcome>,
@@ -99,6 +100,7 @@ impl Authenticator {
     /// The live session with its user and roles: from the cache while fresh,
     /// else from the database (two reads: session with user, then roles),
     /// then cached.
+    #[tracing::instrument(level = "debug", skip(self, now))]
     pub async fn live_session(
         &self,
         session_id: i64,

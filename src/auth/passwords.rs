@@ -102,6 +102,7 @@ impl PasswordHasher {
         self.runs.load(Ordering::Relaxed)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn hash(&self, password: &str) -> Result<String, AppError> {
         let password = password.to_owned();
         let cost = self.cost;
@@ -113,6 +114,7 @@ impl PasswordHasher {
     /// True when `password` matches `hash`. Passwords longer than bcrypt takes
     /// whole never match (they could only have been truncated), but still cost
     /// one verification so the answer takes the usual time.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, AppError> {
         if password.len() > MAX_PASSWORD_BYTES {
             self.verify_dummy().await?;

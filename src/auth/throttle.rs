@@ -58,6 +58,7 @@ impl Throttle {
 
     /// Counts an attempt (as a failure until `succeeded`); false when the
     /// account or the address is throttled.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn reserve(
         &self,
         account_key: Option<&str>,
@@ -105,6 +106,7 @@ impl Throttle {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn address_throttled(&self, address: &str) -> Result<bool, AppError> {
         Ok(self
             .db

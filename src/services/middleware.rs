@@ -54,21 +54,31 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let method = request.uri().path().to_owned();
         let started = tokio::time::Instant::now();
+        let request_id = crate::error::new_request_id();
+        // The call's span: every log line of the handler nests under it.
+        let span = tracing::info_span!(
+            target: "ai_message::call",
+            "call",
+            method = %request.uri().path(),
+            %request_id,
+        );
         let mut inner = take_ready(&mut self.inner);
-        Box::pin(async move {
+        let call = async move {
             let mut response = inner.call(request).await?;
             let code = correct_status(response.headers_mut());
             let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
             // One line per failed call at the default level; per call at debug.
             if code == Code::Ok {
-                tracing::debug!(target: "ai_message::call", %method, code = ?code, latency_ms, "call");
+                tracing::debug!(target: "ai_message::call", code = ?code, latency_ms, "call");
             } else {
-                tracing::info!(target: "ai_message::call", %method, code = ?code, latency_ms, "call");
+                tracing::info!(target: "ai_message::call", code = ?code, latency_ms, "call");
             }
             Ok(response)
-        })
+        };
+        Box::pin(
+            crate::error::REQUEST_ID.scope(request_id, tracing::Instrument::instrument(call, span)),
+        )
     }
 }
 

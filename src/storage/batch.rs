@@ -32,6 +32,7 @@ impl MessageWriter {
         Self { queue }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(sender_id = message.sender_id, recipient_id = message.recipient_id))]
     pub async fn insert(&self, message: NewMessage) -> Result<MessageRecord> {
         let (reply, answer) = oneshot::channel();
         self.queue

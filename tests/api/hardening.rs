@@ -526,6 +526,13 @@ async fn a_database_failure_reaches_the_client_without_driver_text(backend: Back
         .find(|line| line.contains(request_id))
         .expect("the log line carries the request id");
     assert!(line.contains("roles"), "the log has the details: {line}");
+    // One span per call: the call's own line carries the same id and method.
+    assert!(
+        logs.lines().any(|line| line.contains(request_id)
+            && line.contains("ListRoles")
+            && line.contains("code=Internal")),
+        "the call's line shares the request id"
+    );
     app.stop().await;
 }
 
