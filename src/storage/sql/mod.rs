@@ -1,0 +1,59 @@
+//! The SQL shared by both backends. SQLite and PostgreSQL both accept `$n`
+//! placeholders, `RETURNING`, `TRUE`/`FALSE` and expression indexes, and both
+//! store times as integer microseconds, so one text serves both. The macro
+//! expands it into each backend's impl; each backend supplies `reader()`,
+//! `writer()` and `begin_write()` (SQLite takes its write lock up front there),
+//! and `page_cache()` (SQLite's first pages of ListMessages, or `None`).
+
+//! One file per aggregate, each one macro: `impl_repositories!` expands them
+//! all for a backend.
+
+#[macro_use]
+mod message_queries;
+#[macro_use]
+mod messages;
+#[macro_use]
+mod roles;
+#[macro_use]
+mod sessions;
+#[macro_use]
+mod throttle;
+#[macro_use]
+mod users;
+
+macro_rules! impl_repositories {
+    ($store:ty, $db:ty) => {
+        impl_user_repository!($store, $db);
+        impl_role_repository!($store, $db);
+        impl_session_repository!($store, $db);
+        impl_message_queries!($store, $db);
+        impl_message_repository!($store, $db);
+        impl_throttle_repository!($store, $db);
+    };
+}
+
+/// `query` as a LIKE pattern body, lower-cased, with `%`, `_` and `\\` escaped.
+pub(crate) fn like_pattern(query: &str) -> String {
+    let mut pattern = String::with_capacity(query.len());
+    for c in query.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern
+}
+
+pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|db| db.is_unique_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn like_patterns_escape_their_wildcards() {
+        assert_eq!(super::like_pattern("A_b%c\\d"), "a\\_b\\%c\\\\d");
+    }
+}
