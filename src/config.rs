@@ -1,6 +1,6 @@
 //! Typed configuration from environment variables (and an optional `.env`),
 //! with every default in one place. The variable names are the contract's
-//! (`../shared/API.md`); a bad value stops startup with one line naming it.
+//! (`docs/api.md`); a bad value stops startup with one line naming it.
 
 use std::{
     fmt,
