@@ -24,3 +24,59 @@ pub use aimessage::v1::*;
 /// Encoded `FileDescriptorSet` of every file under `proto/`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/aimessage_descriptor.bin"));
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    /// What lacks a leading comment in the `aimessage` files: services, RPCs,
+    /// messages and fields (`grpcurl describe` and generated docs show them).
+    fn uncommented() -> Vec<String> {
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let mut missing = Vec::new();
+        for file in set
+            .file
+            .iter()
+            .filter(|f| f.name().starts_with("aimessage/"))
+        {
+            let info = file.source_code_info.clone().unwrap_or_default();
+            let commented = |path: &[i32]| {
+                info.location
+                    .iter()
+                    .any(|l| l.path == path && !l.leading_comments().trim().is_empty())
+            };
+            for (s, service) in file.service.iter().enumerate() {
+                if !commented(&[6, s as i32]) {
+                    missing.push(service.name().to_owned());
+                }
+                for (m, method) in service.method.iter().enumerate() {
+                    if !commented(&[6, s as i32, 2, m as i32]) {
+                        missing.push(format!("{}.{}", service.name(), method.name()));
+                    }
+                }
+            }
+            for (i, message) in file.message_type.iter().enumerate() {
+                // Empty request and response messages say nothing a comment could add.
+                if !message.field.is_empty() && !commented(&[4, i as i32]) {
+                    missing.push(message.name().to_owned());
+                }
+                for (f, field) in message.field.iter().enumerate() {
+                    if !commented(&[4, i as i32, 2, f as i32]) {
+                        missing.push(format!("{}.{}", message.name(), field.name()));
+                    }
+                }
+            }
+        }
+        missing
+    }
+
+    #[test]
+    fn every_service_rpc_message_and_field_is_commented() {
+        let missing = uncommented();
+        assert!(
+            missing.is_empty(),
+            "{} without a comment: {missing:#?}",
+            missing.len()
+        );
+    }
+}
