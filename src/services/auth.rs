@@ -11,7 +11,7 @@ use crate::{
     domain::{self, Bio, Email, FullName, NewAccount, NewPassword, Timestamp, Violations},
     error::AppError,
     proto::{self, auth_service_server::AuthService},
-    storage::{NewSession, ProfileChanges, RefreshOutcome, UserProfile},
+    storage::{NewSession, ProfileChanges, RefreshOutcome},
 };
 
 /// The one answer for every failed login, so that it reveals nothing.
@@ -236,7 +236,7 @@ impl AuthApi {
             .await?;
         self.state.events.user_changed(caller.user.id).await;
         Ok(proto::UpdateMeResponse {
-            user: Some(self.state.user_proto(&UserProfile::from(&user)).await?),
+            user: Some(self.state.user_proto(&user.profile).await?),
         })
     }
 
@@ -387,7 +387,7 @@ impl AuthService for AuthApi {
         };
         tracing::info!(target: "audit", user_id = user.id, peer = ?peer, "user registered");
         Ok(Response::new(proto::RegisterResponse {
-            user: Some(user_to_proto(&UserProfile::from(&user), Vec::new())),
+            user: Some(user_to_proto(&user.profile, Vec::new())),
         }))
     }
 

@@ -19,7 +19,7 @@ use crate::{
     },
     error::AppError,
     proto::{self, user_admin_service_server::UserAdminService},
-    storage::{UserProfile, UserRecord},
+    storage::UserRecord,
 };
 
 pub struct UserAdminApi {
@@ -45,7 +45,7 @@ impl UserAdminApi {
     }
 
     async fn user_response(&self, user: &UserRecord) -> Result<Option<proto::User>, AppError> {
-        Ok(Some(self.state.user_proto(&UserProfile::from(user)).await?))
+        Ok(Some(self.state.user_proto(&user.profile).await?))
     }
 
     async fn list_users(
@@ -97,7 +97,7 @@ impl UserAdminApi {
                         .filter(|(user_id, _)| *user_id == user.id)
                         .map(|(_, name)| name.clone())
                         .collect();
-                    user_to_proto(&UserProfile::from(user), names)
+                    user_to_proto(&user.profile, names)
                 })
                 .collect(),
             next_page_token,
@@ -158,7 +158,7 @@ impl UserAdminService for UserAdminApi {
         .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = user.id, is_superuser = user.is_superuser, "user created");
         Ok(Response::new(proto::CreateUserResponse {
-            user: Some(user_to_proto(&UserProfile::from(&user), Vec::new())),
+            user: Some(user_to_proto(&user.profile, Vec::new())),
         }))
     }
 

@@ -95,18 +95,21 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 /// (storage reads no clock of its own).
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
+/// A user as stored: the profile and the password hash. Reads of profile
+/// fields go through `Deref` (`user.id`, `user.username`, ...).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UserRecord {
-    pub id: i64,
-    pub username: String,
-    pub email: String,
+    #[sqlx(flatten)]
+    pub profile: UserProfile,
     pub password_hash: String,
-    pub full_name: Option<String>,
-    pub bio: Option<String>,
-    pub is_active: bool,
-    pub is_superuser: bool,
-    pub created_at: i64,
-    pub updated_at: i64,
+}
+
+impl std::ops::Deref for UserRecord {
+    type Target = UserProfile;
+
+    fn deref(&self) -> &UserProfile {
+        &self.profile
+    }
 }
 
 /// A user without their password hash: what an authenticated call carries
@@ -123,22 +126,6 @@ pub struct UserProfile {
     pub is_superuser: bool,
     pub created_at: i64,
     pub updated_at: i64,
-}
-
-impl From<&UserRecord> for UserProfile {
-    fn from(user: &UserRecord) -> Self {
-        Self {
-            id: user.id,
-            username: user.username.clone(),
-            email: user.email.clone(),
-            full_name: user.full_name.clone(),
-            bio: user.bio.clone(),
-            is_active: user.is_active,
-            is_superuser: user.is_superuser,
-            created_at: user.created_at,
-            updated_at: user.updated_at,
-        }
-    }
 }
 
 pub struct NewUser {
