@@ -177,6 +177,21 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Like `spawn_app`, with a chance to change the configuration first.
 pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_on_clock(
+        backend,
+        customize,
+        Arc::new(ai_message::domain::SystemClock),
+    )
+    .await
+}
+
+/// Like `spawn_app_with`, with `clock` as the server's "now" (a
+/// `ManualClock` lets a test move time instead of sleeping).
+pub async fn spawn_app_on_clock(
+    backend: Backend,
+    customize: impl FnOnce(&mut Config),
+    clock: Arc<dyn ai_message::domain::Clock>,
+) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         ai_message::telemetry::init();
     }
@@ -197,7 +212,9 @@ pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config
     let mut config = Config::for_tests(target);
     config.secret_key = Some(TEST_SECRET.to_vec().into());
     customize(&mut config);
-    let app = Application::build(config.clone()).await.unwrap();
+    let app = Application::build_with_clock(config.clone(), clock)
+        .await
+        .unwrap();
     let port = app.port();
     let state = app.state();
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

@@ -5,7 +5,9 @@ use std::time::Duration;
 use ai_message::proto;
 use tonic::Code;
 
-use crate::helpers::{Backend, PASSWORD, TestApp, assert_code, spawn_app, with_bearer};
+use crate::helpers::{
+    Backend, PASSWORD, TestApp, assert_code, spawn_app, spawn_app_on_clock, with_bearer,
+};
 
 backend_tests!(
     list_sessions_shows_active_sessions_newest_first_and_marks_the_current_one,
@@ -13,6 +15,7 @@ backend_tests!(
     another_users_session_is_not_found_exactly_like_a_missing_one,
     deleting_the_calling_session_is_a_logout,
     last_used_at_follows_use_without_a_write_per_call,
+    tokens_and_sessions_expire_on_the_servers_clock_without_sleeping,
 );
 
 async fn list(app: &TestApp, token: &str) -> Vec<proto::Session> {
@@ -155,5 +158,32 @@ async fn last_used_at_follows_use_without_a_write_per_call(backend: Backend) {
         app.state.clock.now().micros() - last_used < 10_000_000,
         "updated to about now"
     );
+    app.stop().await;
+}
+
+/// The server takes "now" from its clock: moved by hand, the access token
+/// dies at its 30th minute (cached session or not) and the refresh token
+/// with its session at the 7th day.
+async fn tokens_and_sessions_expire_on_the_servers_clock_without_sleeping(backend: Backend) {
+    let real_now = ai_message::domain::Clock::now(&ai_message::domain::SystemClock);
+    let clock = std::sync::Arc::new(ai_message::domain::ManualClock::starting_at(real_now));
+    let app = spawn_app_on_clock(backend, |_| {}, clock.clone()).await;
+    let ivy = app.register_and_login("ivy").await;
+    assert!(app.get_me(&ivy.access_token).await.is_ok());
+
+    clock.advance(Duration::from_secs(29 * 60 + 59));
+    assert!(
+        app.get_me(&ivy.access_token).await.is_ok(),
+        "alive at 29:59"
+    );
+    clock.advance(Duration::from_secs(1));
+    assert_code(app.get_me(&ivy.access_token).await, Code::Unauthenticated);
+
+    // The session lives on: a refresh still works, until the seventh day.
+    let refreshed = app.refresh(&ivy.refresh_token).await.unwrap();
+    assert!(app.get_me(&refreshed.access_token).await.is_ok());
+    clock.advance(Duration::from_secs(7 * 24 * 3600));
+    app.assert_session_ended(&refreshed.access_token, &refreshed.refresh_token)
+        .await;
     app.stop().await;
 }
