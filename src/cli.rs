@@ -42,6 +42,30 @@ pub enum Command {
         #[arg(long)]
         email: String,
     },
+    /// Write the binary FileDescriptorSet of every served file (imports and
+    /// custom options such as google.api.http included), for gateways,
+    /// `grpcurl -protoset` and buf.
+    Descriptor {
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+}
+
+/// `ai-message descriptor`: needs no configuration and no database.
+pub fn write_descriptor(output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let bytes = crate::proto::FILE_DESCRIPTOR_SET;
+    match output {
+        Some(path) => {
+            std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(bytes)?;
+            Ok(stdout.flush()?)
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +78,7 @@ pub enum MigrateAction {
 
 pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
+        Command::Descriptor { output } => write_descriptor(output.as_deref()),
         Command::Serve => {
             let app = Application::build(config).await?;
             app.run_until_stopped(shutdown_signal()).await

@@ -13,6 +13,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    // The descriptor is compiled in: no configuration or database is needed.
+    if let Some(cli::Command::Descriptor { output }) = &cli.command {
+        return match cli::write_descriptor(output.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(error) = dotenvy::dotenv()
         && !error.not_found()
     {

@@ -115,3 +115,42 @@ fn create_superuser_without_a_password_on_standard_input_fails() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("password"));
 }
+
+#[test]
+fn descriptor_writes_the_served_set_with_http_options_to_stdout_or_a_file() {
+    use prost_reflect::DescriptorPool;
+    let dir = tempfile::tempdir().unwrap();
+    // No configuration at all is needed, not even a usable DATABASE_URL.
+    let env = [("DATABASE_URL", "postgres://unreachable.invalid/db")];
+    let printed = ai_message(dir.path(), &["descriptor"], &env);
+    assert!(printed.status.success(), "{printed:?}");
+    assert_eq!(printed.stdout, ai_message::proto::FILE_DESCRIPTOR_SET);
+    let pool = DescriptorPool::decode(printed.stdout.as_slice()).unwrap();
+    let http = pool.get_extension_by_name("google.api.http").unwrap();
+    let login = pool
+        .get_service_by_name("aimessage.v1.AuthService")
+        .unwrap()
+        .methods()
+        .find(|m| m.name() == "Login")
+        .unwrap();
+    assert!(login.options().has_extension(&http), "options are kept");
+    for file in [
+        "aimessage/v1/auth.proto",
+        "google/api/http.proto",
+        "google/protobuf/timestamp.proto",
+        "google/rpc/status.proto",
+    ] {
+        assert!(
+            pool.get_file_by_name(file).is_some(),
+            "{file} is in the set"
+        );
+    }
+
+    let written = ai_message(dir.path(), &["descriptor", "--output", "set.binpb"], &env);
+    assert!(written.status.success(), "{written:?}");
+    assert!(written.stdout.is_empty());
+    assert_eq!(
+        std::fs::read(dir.path().join("set.binpb")).unwrap(),
+        printed.stdout
+    );
+}
