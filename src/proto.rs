@@ -72,122 +72,9 @@ mod tests {
         missing
     }
 
-    /// Every RPC's REST mapping, as the API reference lists it.
-    const HTTP_RULES: &[(&str, &str, &str, bool)] = &[
-        ("AuthService", "Register", "post /auth/register", true),
-        ("AuthService", "Login", "post /auth/login", true),
-        ("AuthService", "RefreshToken", "post /auth/refresh", true),
-        ("AuthService", "Logout", "post /auth/logout", true),
-        ("AuthService", "LogoutAll", "post /auth/logout-all", true),
-        ("AuthService", "GetMe", "get /auth/me", false),
-        ("AuthService", "UpdateMe", "put /auth/me", true),
-        (
-            "AuthService",
-            "ChangePassword",
-            "put /auth/me/password",
-            true,
-        ),
-        ("AuthService", "ValidateToken", "post /auth/validate", true),
-        ("UserAdminService", "ListUsers", "get /auth/users", false),
-        (
-            "UserAdminService",
-            "GetUser",
-            "get /auth/users/{user_id}",
-            false,
-        ),
-        ("UserAdminService", "CreateUser", "post /auth/users", true),
-        (
-            "UserAdminService",
-            "DeleteUser",
-            "delete /auth/users/{user_id}",
-            false,
-        ),
-        (
-            "UserAdminService",
-            "DisableUser",
-            "put /auth/users/{user_id}/disable",
-            true,
-        ),
-        (
-            "UserAdminService",
-            "EnableUser",
-            "put /auth/users/{user_id}/enable",
-            true,
-        ),
-        (
-            "UserAdminService",
-            "SetSuperuser",
-            "put /auth/users/{user_id}/superuser",
-            true,
-        ),
-        (
-            "UserAdminService",
-            "SetUserRoles",
-            "put /auth/users/{user_id}/roles",
-            true,
-        ),
-        (
-            "UserAdminService",
-            "GetUserRoles",
-            "get /auth/users/{user_id}/roles",
-            false,
-        ),
-        ("UserAdminService", "ListRoles", "get /auth/roles", false),
-        ("UserAdminService", "CreateRole", "post /auth/roles", true),
-        (
-            "UserAdminService",
-            "DeleteRole",
-            "delete /auth/roles/{role_id}",
-            false,
-        ),
-        (
-            "SessionService",
-            "ListSessions",
-            "get /auth/sessions",
-            false,
-        ),
-        (
-            "SessionService",
-            "DeleteSession",
-            "delete /auth/sessions/{session_id}",
-            false,
-        ),
-        ("MessageService", "SendMessage", "post /messages", true),
-        (
-            "MessageService",
-            "GetMessage",
-            "get /messages/{message_id}",
-            false,
-        ),
-        ("MessageService", "ListMessages", "get /messages", false),
-        (
-            "MessageService",
-            "ListConversations",
-            "get /conversations",
-            false,
-        ),
-        (
-            "MessageService",
-            "MarkRead",
-            "post /messages:markRead",
-            true,
-        ),
-        (
-            "MessageService",
-            "DeleteMessage",
-            "delete /messages/{message_id}",
-            false,
-        ),
-        (
-            "MessageService",
-            "StreamMessages",
-            "get /messages:stream",
-            false,
-        ),
-    ];
-
     /// The `google.api.http` options survive into the embedded descriptor
-    /// (the `prost_types` route drops them), one per RPC, as in the table.
+    /// (the `prost_types` route drops them): one on every RPC. The rules
+    /// themselves are checked through reflection (tests/api/platform.rs).
     #[test]
     fn the_descriptor_keeps_every_rpcs_http_rule() {
         use prost_reflect::{DescriptorPool, Value};
@@ -209,25 +96,15 @@ mod tests {
                         _ => None,
                     })
                     .unwrap_or_else(|| panic!("{} has no HTTP rule", method.full_name()));
-                let body = rule
-                    .get_field_by_name("body")
-                    .and_then(|b| b.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                let expected = HTTP_RULES
-                    .iter()
-                    .find(|(s, m, _, _)| *s == service.name() && *m == method.name())
-                    .unwrap_or_else(|| panic!("{} is not in the table", method.full_name()));
-                assert_eq!(
-                    format!("{verb} {path}"),
-                    expected.2,
-                    "{}",
+                assert!(
+                    path.starts_with('/'),
+                    "{} {verb} {path}",
                     method.full_name()
                 );
-                assert_eq!(body == "*", expected.3, "{} body", method.full_name());
                 seen += 1;
             }
         }
-        assert_eq!(seen, HTTP_RULES.len());
+        assert_eq!(seen, 30, "every RPC was looked at");
         for file in ["google/rpc/status.proto", "google/rpc/error_details.proto"] {
             assert!(pool.get_file_by_name(file).is_some(), "{file} is served");
         }

@@ -30,6 +30,7 @@ use crate::{
         health,
         message::MessageApi,
         middleware::{AdmissionLayer, CallLogLayer, CallSlots},
+        reflection::{DescriptorIndex, ReflectionV1, ReflectionV1Alpha},
         session::SessionApi,
         user_admin::UserAdminApi,
     },
@@ -275,18 +276,24 @@ impl Application {
         let mut routes = Routes::builder();
         routes.add_service(health_service);
         if config.reflection {
+            use tonic_reflection::pb::{v1, v1alpha};
+            let index = Arc::new(
+                DescriptorIndex::new(&[
+                    proto::FILE_DESCRIPTOR_SET,
+                    tonic_health::pb::FILE_DESCRIPTOR_SET,
+                    v1::FILE_DESCRIPTOR_SET,
+                    v1alpha::FILE_DESCRIPTOR_SET,
+                ])
+                .context("the embedded descriptor sets do not decode")?,
+            );
             routes
+                .add_service(v1::server_reflection_server::ServerReflectionServer::new(
+                    ReflectionV1(Arc::clone(&index)),
+                ))
                 .add_service(
-                    tonic_reflection::server::Builder::configure()
-                        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                        .build_v1()?,
-                )
-                .add_service(
-                    tonic_reflection::server::Builder::configure()
-                        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                        .build_v1alpha()?,
+                    v1alpha::server_reflection_server::ServerReflectionServer::new(
+                        ReflectionV1Alpha(index),
+                    ),
                 );
         }
         routes

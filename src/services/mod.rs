@@ -7,6 +7,7 @@ mod convert;
 pub mod health;
 pub mod message;
 pub mod middleware;
+pub mod reflection;
 pub mod session;
 pub mod user_admin;
 

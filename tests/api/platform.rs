@@ -22,6 +22,7 @@ use crate::helpers::{Backend, TestApp, assert_code, spawn_app, with_bearer};
 backend_tests!(
     health_reports_serving_for_the_server_and_each_service,
     reflection_lists_the_services,
+    reflection_serves_each_service_with_its_dependencies_and_http_rules,
     requests_over_4_mib_are_resource_exhausted_and_the_server_keeps_serving,
     undecodable_requests_are_invalid_argument,
     bearer_services_refuse_missing_and_forged_tokens,
@@ -280,5 +281,211 @@ async fn reflection_can_be_turned_off() {
         Some(Code::Unimplemented)
     );
     app.register("still-works").await;
+    app.stop().await;
+}
+
+/// Every RPC's REST mapping, as the API reference lists it.
+const HTTP_RULES: &[(&str, &str, &str, bool)] = &[
+    ("AuthService", "Register", "post /auth/register", true),
+    ("AuthService", "Login", "post /auth/login", true),
+    ("AuthService", "RefreshToken", "post /auth/refresh", true),
+    ("AuthService", "Logout", "post /auth/logout", true),
+    ("AuthService", "LogoutAll", "post /auth/logout-all", true),
+    ("AuthService", "GetMe", "get /auth/me", false),
+    ("AuthService", "UpdateMe", "put /auth/me", true),
+    (
+        "AuthService",
+        "ChangePassword",
+        "put /auth/me/password",
+        true,
+    ),
+    ("AuthService", "ValidateToken", "post /auth/validate", true),
+    ("UserAdminService", "ListUsers", "get /auth/users", false),
+    (
+        "UserAdminService",
+        "GetUser",
+        "get /auth/users/{user_id}",
+        false,
+    ),
+    ("UserAdminService", "CreateUser", "post /auth/users", true),
+    (
+        "UserAdminService",
+        "DeleteUser",
+        "delete /auth/users/{user_id}",
+        false,
+    ),
+    (
+        "UserAdminService",
+        "DisableUser",
+        "put /auth/users/{user_id}/disable",
+        true,
+    ),
+    (
+        "UserAdminService",
+        "EnableUser",
+        "put /auth/users/{user_id}/enable",
+        true,
+    ),
+    (
+        "UserAdminService",
+        "SetSuperuser",
+        "put /auth/users/{user_id}/superuser",
+        true,
+    ),
+    (
+        "UserAdminService",
+        "SetUserRoles",
+        "put /auth/users/{user_id}/roles",
+        true,
+    ),
+    (
+        "UserAdminService",
+        "GetUserRoles",
+        "get /auth/users/{user_id}/roles",
+        false,
+    ),
+    ("UserAdminService", "ListRoles", "get /auth/roles", false),
+    ("UserAdminService", "CreateRole", "post /auth/roles", true),
+    (
+        "UserAdminService",
+        "DeleteRole",
+        "delete /auth/roles/{role_id}",
+        false,
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "get /auth/sessions",
+        false,
+    ),
+    (
+        "SessionService",
+        "DeleteSession",
+        "delete /auth/sessions/{session_id}",
+        false,
+    ),
+    ("MessageService", "SendMessage", "post /messages", true),
+    (
+        "MessageService",
+        "GetMessage",
+        "get /messages/{message_id}",
+        false,
+    ),
+    ("MessageService", "ListMessages", "get /messages", false),
+    (
+        "MessageService",
+        "ListConversations",
+        "get /conversations",
+        false,
+    ),
+    (
+        "MessageService",
+        "MarkRead",
+        "post /messages:markRead",
+        true,
+    ),
+    (
+        "MessageService",
+        "DeleteMessage",
+        "delete /messages/{message_id}",
+        false,
+    ),
+    (
+        "MessageService",
+        "StreamMessages",
+        "get /messages:stream",
+        false,
+    ),
+];
+
+/// One reflection answer for `symbol`: the files it carries, raw.
+async fn files_for_symbol(app: &TestApp, symbol: &str) -> Vec<Vec<u8>> {
+    let mut reflection = ServerReflectionClient::new(app.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_owned())),
+    };
+    let response = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("expected files for {symbol}, got {response:?}");
+    };
+    files.file_descriptor_proto
+}
+
+/// Each service fetched by reflection alone builds a descriptor pool (the
+/// answer carries every dependency), and every RPC's `google.api.http` rule
+/// is the one the API reference lists.
+async fn reflection_serves_each_service_with_its_dependencies_and_http_rules(backend: Backend) {
+    use prost_reflect::{DescriptorPool, Value};
+    let app = spawn_app(backend).await;
+    let mut checked = 0;
+    for service in [
+        "AuthService",
+        "UserAdminService",
+        "SessionService",
+        "MessageService",
+    ] {
+        let files = files_for_symbol(&app, &format!("aimessage.v1.{service}")).await;
+        // A FileDescriptorSet made of the raw answers (field 1, repeated), so
+        // that options are kept.
+        let mut encoded = Vec::new();
+        for raw in &files {
+            prost::encoding::encode_key(
+                1,
+                prost::encoding::WireType::LengthDelimited,
+                &mut encoded,
+            );
+            prost::encoding::encode_varint(raw.len() as u64, &mut encoded);
+            encoded.extend_from_slice(raw);
+        }
+        let pool = DescriptorPool::decode(encoded.as_slice())
+            .unwrap_or_else(|e| panic!("{service} does not build a pool alone: {e}"));
+        let http = pool.get_extension_by_name("google.api.http").unwrap();
+        let descriptor = pool
+            .get_service_by_name(&format!("aimessage.v1.{service}"))
+            .unwrap();
+        for method in descriptor.methods() {
+            let options = method.options();
+            let rule = options.get_extension(&http);
+            let rule = rule.as_message().unwrap();
+            let route = ["get", "put", "post", "delete", "patch"]
+                .into_iter()
+                .find_map(|verb| match rule.get_field_by_name(verb).as_deref() {
+                    Some(Value::String(path)) if !path.is_empty() => Some(format!("{verb} {path}")),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{} has no HTTP rule", method.full_name()));
+            let body = rule
+                .get_field_by_name("body")
+                .and_then(|b| b.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let expected = HTTP_RULES
+                .iter()
+                .find(|(s, m, _, _)| *s == service && *m == method.name())
+                .unwrap_or_else(|| panic!("{} is not in the table", method.full_name()));
+            assert_eq!(route, expected.2, "{}", method.full_name());
+            assert_eq!(body == "*", expected.3, "{} body", method.full_name());
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked,
+        HTTP_RULES.len(),
+        "every RPC of the table was served"
+    );
+    // Error details decode too.
+    assert!(
+        !files_for_symbol(&app, "google.rpc.BadRequest")
+            .await
+            .is_empty()
+    );
     app.stop().await;
 }
