@@ -62,6 +62,55 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Browser origins allowed to call (CORS).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// No origin: no `Access-Control-*` header is ever sent.
+    #[default]
+    None,
+    /// `*`: every origin.
+    Any,
+    /// Exactly these origins (`https://app.example`).
+    List(Vec<String>),
+}
+
+impl CorsOrigins {
+    fn parse(text: &str) -> Result<Self, String> {
+        let origins: Vec<&str> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .collect();
+        if origins == ["*"] {
+            return Ok(Self::Any);
+        }
+        for origin in &origins {
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.ends_with('/')
+                && origin.parse::<http::HeaderValue>().is_ok();
+            if !valid {
+                return Err(format!(
+                    "{origin:?} is not an origin such as https://app.example (or use * alone)"
+                ));
+            }
+        }
+        Ok(if origins.is_empty() {
+            Self::None
+        } else {
+            Self::List(origins.into_iter().map(str::to_owned).collect())
+        })
+    }
+
+    /// Whether a request from `origin` may be answered with CORS headers.
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Self::None => false,
+            Self::Any => true,
+            Self::List(origins) => origins.iter().any(|allowed| allowed == origin),
+        }
+    }
+}
+
 /// Everything the server is configured with. Each field's variable and
 /// default are named in its doc; the defaults themselves live in one place,
 /// `Config::defaults`, which the parser and the tests both start from.
@@ -98,6 +147,9 @@ pub struct Config {
     pub max_pending_hashes: usize,
     /// `AI_MESSAGE_REFLECTION`; default true.
     pub reflection: bool,
+    /// `AI_MESSAGE_CORS_ORIGINS`: origins allowed to call from a browser
+    /// (comma-separated, or `*`); default none.
+    pub cors_origins: CorsOrigins,
     /// HTTP/2 and gRPC limits (additions to the contract's variables).
     pub transport: TransportLimits,
 }
@@ -171,6 +223,7 @@ impl Config {
             max_concurrent_calls: 1024,
             max_pending_hashes: 64,
             reflection: true,
+            cors_origins: CorsOrigins::None,
             transport: TransportLimits::default(),
         }
     }
@@ -312,6 +365,12 @@ impl Config {
             reflection: match get("AI_MESSAGE_REFLECTION") {
                 Some(text) => parse_bool(&text).map_err(|m| bad("AI_MESSAGE_REFLECTION", m))?,
                 None => defaults.reflection,
+            },
+            cors_origins: match get("AI_MESSAGE_CORS_ORIGINS") {
+                Some(text) => {
+                    CorsOrigins::parse(&text).map_err(|m| bad("AI_MESSAGE_CORS_ORIGINS", m))?
+                }
+                None => defaults.cors_origins.clone(),
             },
             transport,
             database,
@@ -659,6 +718,22 @@ mod tests {
                 values.contains_key(variable),
                 "{variable} is not in .env.example"
             );
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_none_a_list_or_any() {
+        let origins =
+            |text: &str| config(&[("AI_MESSAGE_CORS_ORIGINS", text)]).map(|c| c.cors_origins);
+        assert_eq!(origins(" ").unwrap(), CorsOrigins::None);
+        assert_eq!(origins("*").unwrap(), CorsOrigins::Any);
+        let list = origins("https://a.example, http://localhost:3000").unwrap();
+        assert!(list.allows("https://a.example") && list.allows("http://localhost:3000"));
+        assert!(!list.allows("https://b.example"));
+        assert!(!CorsOrigins::None.allows("https://a.example"));
+        for bad in ["a.example", "https://a.example/", "*, https://a.example"] {
+            let error = origins(bad).unwrap_err();
+            assert_eq!(error.variable, "AI_MESSAGE_CORS_ORIGINS", "{bad}");
         }
     }
 

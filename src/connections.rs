@@ -159,7 +159,9 @@ pub async fn serve<S>(
 }
 
 fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
+    // HTTP/1.1 too, for gRPC-Web from browsers and proxies.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -29,7 +29,7 @@ use crate::{
         auth::AuthApi,
         health,
         message::MessageApi,
-        middleware::{AdmissionLayer, CallLogLayer, CallSlots},
+        middleware::{AdmissionLayer, CallLogLayer, CallSlots, CorsLayer},
         reflection::{DescriptorIndex, ReflectionV1, ReflectionV1Alpha},
         session::SessionApi,
         user_admin::UserAdminApi,
@@ -301,7 +301,11 @@ impl Application {
             .add_service(InterceptedService::new(user_admin, required.clone()))
             .add_service(InterceptedService::new(session, required.clone()))
             .add_service(InterceptedService::new(message, required));
+        // gRPC-Web is translated to gRPC first, so every later layer and the
+        // handlers see one protocol; CORS answers browsers before all that.
         let service = tower::ServiceBuilder::new()
+            .layer(CorsLayer::new(config.cors_origins.clone()))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(CallLogLayer)
             .layer(AdmissionLayer {
                 max_header_list_bytes: limits.max_header_list_bytes as usize,

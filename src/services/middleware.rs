@@ -406,3 +406,106 @@ where
         })
     }
 }
+
+/// CORS for browsers (gRPC-Web): only origins in `AI_MESSAGE_CORS_ORIGINS`
+/// get `Access-Control-*` headers; with none configured, none is ever sent.
+/// A preflight from an allowed origin is answered here (204); every other
+/// answer to it names the origin and exposes the gRPC status headers.
+#[derive(Clone)]
+pub struct CorsLayer {
+    origins: std::sync::Arc<crate::config::CorsOrigins>,
+}
+
+impl CorsLayer {
+    pub fn new(origins: crate::config::CorsOrigins) -> Self {
+        Self {
+            origins: std::sync::Arc::new(origins),
+        }
+    }
+}
+
+impl<S> Layer<S> for CorsLayer {
+    type Service = Cors<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Cors {
+            inner,
+            origins: std::sync::Arc::clone(&self.origins),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Cors<S> {
+    inner: S,
+    origins: std::sync::Arc<crate::config::CorsOrigins>,
+}
+
+const CORS_ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
+const CORS_ALLOW_HEADERS: &str =
+    "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout";
+const CORS_EXPOSE_HEADERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+const CORS_MAX_AGE_SECONDS: &str = "86400";
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Cors<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let origin = request
+            .headers()
+            .get(http::header::ORIGIN)
+            .filter(|origin| origin.to_str().is_ok_and(|o| self.origins.allows(o)))
+            .cloned();
+        let Some(origin) = origin else {
+            return Box::pin(inner.call(request));
+        };
+        let preflight = request.method() == http::Method::OPTIONS
+            && request
+                .headers()
+                .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight {
+            let mut answer = http::Response::new(ResBody::default());
+            *answer.status_mut() = http::StatusCode::NO_CONTENT;
+            let headers = answer.headers_mut();
+            headers.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            headers.insert(
+                http::header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static(CORS_ALLOW_METHODS),
+            );
+            headers.insert(
+                http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static(CORS_ALLOW_HEADERS),
+            );
+            headers.insert(
+                http::header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static(CORS_MAX_AGE_SECONDS),
+            );
+            headers.insert(http::header::VARY, HeaderValue::from_static("origin"));
+            return Box::pin(async move { Ok(answer) });
+        }
+        Box::pin(async move {
+            let mut answer = inner.call(request).await?;
+            let headers = answer.headers_mut();
+            headers.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            headers.insert(
+                http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static(CORS_EXPOSE_HEADERS),
+            );
+            headers.append(http::header::VARY, HeaderValue::from_static("origin"));
+            Ok(answer)
+        })
+    }
+}

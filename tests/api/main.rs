@@ -13,6 +13,7 @@ mod auth;
 mod cli;
 mod faults;
 mod fuzz;
+mod grpc_web;
 mod hardening;
 mod logs;
 mod message;
