@@ -28,6 +28,7 @@ use crate::{
         AppState,
         auth::AuthApi,
         health,
+        http::PlainHttpLayer,
         message::MessageApi,
         middleware::{AdmissionLayer, CallLogLayer, CallSlots, CorsLayer},
         reflection::{DescriptorIndex, ReflectionV1, ReflectionV1Alpha},
@@ -232,7 +233,7 @@ impl Application {
         } else {
             ServingStatus::NotServing
         };
-        health::set_all(&health_reporter, initial).await;
+        health::report(&health_reporter, &state.readiness, initial).await;
         background.push(tokio::spawn(
             state.throttle.clone().sweep_regularly(stop_tx.subscribe()),
         ));
@@ -305,6 +306,7 @@ impl Application {
         // handlers see one protocol; CORS answers browsers before all that.
         let service = tower::ServiceBuilder::new()
             .layer(CorsLayer::new(config.cors_origins.clone()))
+            .layer(PlainHttpLayer::new(Arc::clone(&state.readiness)))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(CallLogLayer)
             .layer(AdmissionLayer {
@@ -330,10 +332,11 @@ impl Application {
         let scheme = if tls.is_some() { "TLS" } else { "plaintext" };
         tracing::info!(%address, scheme, "serving gRPC");
         let reporter = health_reporter.clone();
+        let readiness = Arc::clone(&state.readiness);
         let on_shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: reporting NOT_SERVING, finishing in-flight calls");
-            health::set_all(&reporter, ServingStatus::NotServing).await;
+            health::report(&reporter, &readiness, ServingStatus::NotServing).await;
             let _ = stop_tx.send(true);
         };
         connections::serve(listener, tls, service, connection_limits, on_shutdown).await;

@@ -32,12 +32,15 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Readiness {
     database_reachable: AtomicBool,
+    /// What health reports for `""` (also `GET /health`).
+    serving: AtomicBool,
 }
 
 impl Default for Readiness {
     fn default() -> Self {
         Self {
             database_reachable: AtomicBool::new(true),
+            serving: AtomicBool::new(false),
         }
     }
 }
@@ -46,9 +49,22 @@ impl Readiness {
     pub fn database_reachable(&self) -> bool {
         self.database_reachable.load(Ordering::Acquire)
     }
+
+    /// Whether health says SERVING for the server as a whole.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
 }
 
-pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+/// Reports `status` for `""` and every service, and keeps `readiness` in step.
+pub async fn report(reporter: &HealthReporter, readiness: &Readiness, status: ServingStatus) {
+    readiness
+        .serving
+        .store(status == ServingStatus::Serving, Ordering::Release);
+    set_all(reporter, status).await;
+}
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for name in SERVICE_NAMES {
         reporter.set_service_status(name, status).await;
@@ -94,7 +110,7 @@ pub async fn probe_database(
                 }
                 (true, true) => {}
             }
-            set_all(&reporter, status).await;
+            report(&reporter, &readiness, status).await;
             last = Some(status);
         }
         tokio::select! {

@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 
 /// The service that was polled ready serves the call; a fresh clone stays
 /// behind for the next one (the tower idiom for services moved into futures).
-fn take_ready<S: Clone>(inner: &mut S) -> S {
+pub(super) fn take_ready<S: Clone>(inner: &mut S) -> S {
     let clone = inner.clone();
     std::mem::replace(inner, clone)
 }

@@ -5,6 +5,7 @@
 pub mod auth;
 mod convert;
 pub mod health;
+pub mod http;
 pub mod message;
 pub mod middleware;
 pub mod reflection;

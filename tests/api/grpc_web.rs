@@ -1,5 +1,6 @@
-//! gRPC-Web on the same port (HTTP/1.1, `application/grpc-web+proto`), and
-//! CORS for browsers: nothing allowed unless configured.
+//! gRPC-Web on the same port (HTTP/1.1, `application/grpc-web+proto`), CORS
+//! for browsers (nothing allowed unless configured), and plain HTTP:
+//! `GET /health` and the 404 of an unknown path.
 
 use ai_message::{config::CorsOrigins, proto};
 use prost::Message as _;
@@ -7,11 +8,18 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with};
 
-backend_tests!(a_grpc_web_call_over_http1_gets_the_native_answer);
+backend_tests!(
+    a_grpc_web_call_over_http1_gets_the_native_answer,
+    health_over_plain_http_follows_grpc_health_and_unknown_paths_are_404,
+);
 
 /// One HTTP/1.1 exchange on a fresh connection: status, headers (lower-case
 /// names) and the de-chunked body.
-async fn http1(app: &TestApp, head: &str, body: &[u8]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+pub async fn http1(
+    app: &TestApp,
+    head: &str,
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
         .await
         .unwrap();
@@ -58,7 +66,7 @@ async fn http1(app: &TestApp, head: &str, body: &[u8]) -> (u16, Vec<(String, Str
     }
 }
 
-fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+pub fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
     headers
         .iter()
         .find(|(n, _)| n == name)
@@ -211,5 +219,26 @@ async fn cors_preflight_is_answered_for_an_allowed_origin_only() {
             .all(|(n, _)| !n.starts_with("access-control-")),
         "{headers:?}"
     );
+    app.stop().await;
+}
+
+async fn health_over_plain_http_follows_grpc_health_and_unknown_paths_are_404(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (status, headers, body) = http1(&app, "GET /health HTTP/1.1", b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body, serde_json::json!({"status": "SERVING"}));
+
+    let (status, headers, _) = http1(&app, "POST /health HTTP/1.1", b"").await;
+    assert_eq!(status, 405);
+    assert_eq!(header(&headers, "allow"), Some("GET"));
+
+    let (status, _, body) = http1(&app, "GET /no/such/route HTTP/1.1", b"").await;
+    assert_eq!(status, 404);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["code"], 5);
+    assert!(body["message"].as_str().unwrap().contains("/no/such/route"));
+    assert_eq!(body["details"], serde_json::json!([]));
     app.stop().await;
 }

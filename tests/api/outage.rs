@@ -103,6 +103,12 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
     open.send_replace(false);
     let took = wait_for_health(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
     eprintln!("NOT_SERVING after {took:?}");
+    // Load balancers probing over plain HTTP see the same.
+    let (status, _, body) = crate::grpc_web::http1(&app, "GET /health HTTP/1.1", b"").await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (503, br#"{"status":"NOT_SERVING"}"#.as_slice())
+    );
     // Past the session cache's second, a call needs the database.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Once health says NOT_SERVING, calls fail at once, not after a pool timeout.
