@@ -249,7 +249,7 @@ impl Connection {
         }
     }
 
-    /// Drives one HTTP/2 connection, closing it on the first deadline that
+    /// Drives one HTTP/1.1 or HTTP/2 connection, closing it on the first deadline that
     /// passes: no first request by `first_request_by`, idle too long, or
     /// lingering after a GOAWAY with nothing left to finish.
     async fn serve_http<IO, S>(&mut self, io: IO, service: Tracked<S>, first_request_by: Instant)
@@ -279,8 +279,8 @@ impl Connection {
             let deadline = match (started, calls, goaway_sent_at) {
                 (false, _, _) => first_request_by,
                 (true, 0, Some(sent)) => sent.max(idle_since) + LINGER,
-                (true, 0, None) => idle_since + self.limits.idle_timeout,
-                (true, _, _) => Instant::now() + self.limits.idle_timeout,
+                // With calls running, `idle_since` is now: the timer only re-arms.
+                (true, _, _) => idle_since + self.limits.idle_timeout,
             };
             tokio::select! {
                 served = connection.as_mut() => {

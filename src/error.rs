@@ -141,7 +141,12 @@ pub fn new_request_id() -> String {
     use rand::RngCore as _;
     let mut bytes = [0u8; 8];
     rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut id = String::with_capacity(2 * bytes.len());
+    for byte in bytes {
+        // Writing to a String cannot fail.
+        let _ = std::fmt::Write::write_fmt(&mut id, format_args!("{byte:02x}"));
+    }
+    id
 }
 
 /// The whole `source()` chain on one line, for the server log only.

@@ -244,13 +244,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn events_reach_sender_and_recipient_and_nobody_else() {
-        let hub = EventHub::new(
+    /// A hub with no remote channel (one process, as with SQLite).
+    fn local_hub() -> Arc<EventHub> {
+        EventHub::new(
             None,
             Default::default(),
             Arc::new(crate::domain::SystemClock),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn events_reach_sender_and_recipient_and_nobody_else() {
+        let hub = local_hub();
         let mut sender = hub.subscribe(1).unwrap();
         let mut recipient = hub.subscribe(2).unwrap();
         let mut stranger = hub.subscribe(3).unwrap();
@@ -266,11 +271,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_note_to_oneself_arrives_once() {
-        let hub = EventHub::new(
-            None,
-            Default::default(),
-            Arc::new(crate::domain::SystemClock),
-        );
+        let hub = local_hub();
         let mut me = hub.subscribe(1).unwrap();
         hub.publish(HubEvent::Message {
             change: MessageChange::Created,
@@ -283,11 +284,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_is_told_it_lagged() {
-        let hub = EventHub::new(
-            None,
-            Default::default(),
-            Arc::new(crate::domain::SystemClock),
-        );
+        let hub = local_hub();
         let mut slow = hub.subscribe(1).unwrap();
         for _ in 0..=USER_CHANNEL_CAPACITY {
             hub.publish(HubEvent::UserChanged { user_id: 1 }).await;
@@ -300,11 +297,7 @@ mod tests {
 
     #[test]
     fn channels_go_away_with_their_last_subscriber() {
-        let hub = EventHub::new(
-            None,
-            Default::default(),
-            Arc::new(crate::domain::SystemClock),
-        );
+        let hub = local_hub();
         let first = hub.subscribe(7).unwrap();
         let second = hub.subscribe(7).unwrap();
         assert_eq!(hub.subscribed_users(), 1);
@@ -316,11 +309,7 @@ mod tests {
 
     #[test]
     fn no_subscription_while_the_channel_is_down_and_open_ones_are_told() {
-        let hub = EventHub::new(
-            None,
-            Default::default(),
-            Arc::new(crate::domain::SystemClock),
-        );
+        let hub = local_hub();
         let open = hub.subscribe(1).unwrap();
         hub.connection_reporter().send_replace(false);
         assert!(!*open.connected.borrow());
@@ -335,11 +324,7 @@ mod tests {
             change: MessageChange::Read,
             message: message(4, 5),
         };
-        let hub = EventHub::new(
-            None,
-            Default::default(),
-            Arc::new(crate::domain::SystemClock),
-        );
+        let hub = local_hub();
         let mut recipient = hub.subscribe(5).unwrap();
         hub.deliver_payload(&serde_json::to_string(&event).unwrap());
         assert_eq!(*recipient.receiver.try_recv().unwrap(), event);

@@ -83,14 +83,9 @@ impl Authenticator {
         })
     }
 
-    /// Like `authenticate`, for a caller who must be a superuser right now.
-    pub async fn authenticate_superuser(
-        &self,
-        bearer: Option<&BearerOutcome>,
-        peer: Option<IpAddr>,
-        now: Timestamp,
-    ) -> Result<Caller, AppError> {
-        let caller = self.authenticate(bearer, peer, now).await?;
+    /// The caller, if they are a superuser as of this call (read with the
+    /// session, never from the token).
+    pub fn require_superuser(caller: Caller) -> Result<Caller, AppError> {
         if !caller.user.is_superuser {
             return Err(AppError::PermissionDenied("only superusers may do this"));
         }

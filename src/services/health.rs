@@ -61,10 +61,6 @@ pub async fn report(reporter: &HealthReporter, readiness: &Readiness, status: Se
     readiness
         .serving
         .store(status == ServingStatus::Serving, Ordering::Release);
-    set_all(reporter, status).await;
-}
-
-async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for name in SERVICE_NAMES {
         reporter.set_service_status(name, status).await;

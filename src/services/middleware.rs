@@ -229,6 +229,11 @@ impl CallSlots {
     }
 }
 
+/// Health and reflection: answered without the database.
+fn is_health_or_reflection(path: &str) -> bool {
+    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+}
+
 /// Paths that hold no slot: streams, health, reflection, and the RPCs whose
 /// cost (bcrypt) is bounded by the hasher's own queue.
 fn holds_no_slot(path: &str) -> bool {
@@ -239,9 +244,7 @@ fn holds_no_slot(path: &str) -> bool {
         "/aimessage.v1.AuthService/ChangePassword",
         "/aimessage.v1.UserAdminService/CreateUser",
     ];
-    EXEMPT.contains(&path)
-        || path.starts_with("/grpc.health.")
-        || path.starts_with("/grpc.reflection.")
+    EXEMPT.contains(&path) || is_health_or_reflection(path)
 }
 
 /// The size HTTP/2 gives a header list (RFC 9113 6.5.2): every field's name
@@ -342,9 +345,7 @@ impl AdmissionLayer {
             )));
         }
         let path = request.uri().path();
-        let needs_no_database =
-            path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.");
-        if !needs_no_database && !self.readiness.database_reachable() {
+        if !is_health_or_reflection(path) && !self.readiness.database_reachable() {
             return Err(tonic::Status::unavailable(
                 "the database is unreachable; retry shortly",
             ));

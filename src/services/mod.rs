@@ -73,13 +73,7 @@ impl AppState {
         &self,
         request: &Request<T>,
     ) -> Result<Caller, AppError> {
-        self.auth
-            .authenticate_superuser(
-                request.extensions().get::<BearerOutcome>(),
-                client_address(request, &self.config.trusted_proxies),
-                self.clock.now(),
-            )
-            .await
+        Authenticator::require_superuser(self.authenticate(request).await?)
     }
 
     /// The caller as the protocol shows them (roles as of this call).

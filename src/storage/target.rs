@@ -2,10 +2,6 @@
 
 use std::{fmt, path::PathBuf};
 
-fn bad(message: impl Into<String>) -> String {
-    message.into()
-}
-
 /// Which database, decided once from `DATABASE_URL`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseTarget {
@@ -34,7 +30,7 @@ impl DatabaseTarget {
         let url = url.trim();
         let (scheme, rest) = url
             .split_once(':')
-            .ok_or_else(|| bad("expected a URL such as sqlite://backend.db"))?;
+            .ok_or_else(|| "expected a URL such as sqlite://backend.db".to_owned())?;
         let scheme = scheme.to_ascii_lowercase();
         let base_scheme = scheme.split('+').next().unwrap_or_default();
         match base_scheme {
@@ -44,7 +40,7 @@ impl DatabaseTarget {
                 }
                 let path = rest
                     .strip_prefix("//")
-                    .ok_or_else(|| bad("expected sqlite://<path>"))?;
+                    .ok_or_else(|| "expected sqlite://<path>".to_owned())?;
                 let path = path.split('?').next().unwrap_or_default();
                 // SQLAlchemy: three slashes then a relative path, four for an absolute one.
                 let path = match path.strip_prefix('/') {
@@ -53,7 +49,7 @@ impl DatabaseTarget {
                     None => path,
                 };
                 if path.is_empty() {
-                    return Err(bad("the SQLite file path is empty"));
+                    return Err("the SQLite file path is empty".to_owned());
                 }
                 if path == ":memory:" {
                     return Ok(Self::Sqlite(None));
@@ -63,16 +59,16 @@ impl DatabaseTarget {
             "postgres" | "postgresql" => {
                 let authority = rest
                     .strip_prefix("//")
-                    .ok_or_else(|| bad("expected postgres://user@host/database"))?;
+                    .ok_or_else(|| "expected postgres://user@host/database".to_owned())?;
                 if authority.is_empty() {
-                    return Err(bad("the PostgreSQL URL names no host"));
+                    return Err("the PostgreSQL URL names no host".to_owned());
                 }
                 Ok(Self::Postgres(format!("postgres://{authority}")))
             }
-            "" => Err(bad("expected a URL such as sqlite://backend.db")),
-            other => Err(bad(format!(
+            "" => Err("expected a URL such as sqlite://backend.db".to_owned()),
+            other => Err(format!(
                 "unsupported scheme {other:?}; use sqlite:// or postgres://"
-            ))),
+            )),
         }
     }
 
