@@ -7,7 +7,8 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use tonic::{Code, Request};
 
 use crate::helpers::{
-    Backend, PASSWORD, TEST_SECRET, assert_code, bad_request_fields, sign, spawn_app, with_bearer,
+    Backend, PASSWORD, TEST_SECRET, assert_code, bad_request_fields, sign, sign_with, spawn_app,
+    with_bearer,
 };
 
 backend_tests!(
@@ -392,20 +393,15 @@ async fn forged_and_misused_tokens_are_unauthenticated(backend: Backend) {
                 TEST_SECRET,
             ),
         ),
-        ("HS512", {
-            let input = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(r#"{"alg":"HS512","typ":"at+jwt"}"#),
-                URL_SAFE_NO_PAD.encode(claims("localhost", "ai-message"))
-            );
-            let signature = jsonwebtoken::crypto::sign(
-                input.as_bytes(),
-                &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET),
+        (
+            "HS512",
+            sign_with(
                 jsonwebtoken::Algorithm::HS512,
-            )
-            .unwrap();
-            format!("{input}.{signature}")
-        }),
+                r#"{"alg":"HS512","typ":"at+jwt"}"#,
+                &claims("localhost", "ai-message"),
+                TEST_SECRET,
+            ),
+        ),
         (
             "wrong issuer",
             sign(

@@ -73,6 +73,16 @@ pub fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str
         .map(|(_, v)| v.as_str())
 }
 
+#[track_caller]
+fn assert_no_cors_headers(headers: &[(String, String)]) {
+    assert!(
+        headers
+            .iter()
+            .all(|(n, _)| !n.starts_with("access-control-")),
+        "{headers:?}"
+    );
+}
+
 /// The message frame and the trailer frame of a gRPC-Web body.
 fn grpc_web_frames(body: &[u8]) -> (Vec<u8>, String) {
     let (mut message, mut trailers) = (Vec::new(), String::new());
@@ -137,11 +147,7 @@ async fn a_grpc_web_call_over_http1_gets_the_native_answer(backend: Backend) {
     let in_trailers = grpc_web_frames(&body).1.contains("grpc-status:16");
     assert!(in_headers || in_trailers, "{headers:?} {body:?}");
     // No CORS header unless configured.
-    assert!(
-        headers
-            .iter()
-            .all(|(n, _)| !n.starts_with("access-control-"))
-    );
+    assert_no_cors_headers(&headers);
     app.stop().await;
 }
 
@@ -197,12 +203,7 @@ async fn cors_preflight_is_answered_for_an_allowed_origin_only() {
         b"",
     )
     .await;
-    assert!(
-        headers
-            .iter()
-            .all(|(n, _)| !n.starts_with("access-control-")),
-        "{headers:?}"
-    );
+    assert_no_cors_headers(&headers);
     app.stop().await;
 
     // By default no origin is allowed.
@@ -213,12 +214,7 @@ async fn cors_preflight_is_answered_for_an_allowed_origin_only() {
         b"",
     )
     .await;
-    assert!(
-        headers
-            .iter()
-            .all(|(n, _)| !n.starts_with("access-control-")),
-        "{headers:?}"
-    );
+    assert_no_cors_headers(&headers);
     app.stop().await;
 }
 

@@ -502,6 +502,16 @@ pub fn bad_request_fields(status: &Status) -> Vec<String> {
 /// Signs `claims` JSON under `header` JSON with `key` (HS256), as a forger
 /// who knows the key would.
 pub fn sign(header: &str, claims: &str, key: &[u8]) -> String {
+    sign_with(jsonwebtoken::Algorithm::HS256, header, claims, key)
+}
+
+/// Like `sign`, with any HMAC algorithm (to try the ones the server refuses).
+pub fn sign_with(
+    algorithm: jsonwebtoken::Algorithm,
+    header: &str,
+    claims: &str,
+    key: &[u8],
+) -> String {
     use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
     let input = format!(
         "{}.{}",
@@ -511,7 +521,7 @@ pub fn sign(header: &str, claims: &str, key: &[u8]) -> String {
     let signature = jsonwebtoken::crypto::sign(
         input.as_bytes(),
         &jsonwebtoken::EncodingKey::from_secret(key),
-        jsonwebtoken::Algorithm::HS256,
+        algorithm,
     )
     .unwrap();
     format!("{input}.{signature}")

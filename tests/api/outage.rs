@@ -145,6 +145,23 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
     app.stop().await;
 }
 
+/// The stream's next event, within 2 s, is about `message`.
+async fn assert_next_event_is(
+    stream: &mut tonic::Streaming<proto::StreamMessagesResponse>,
+    message: &proto::Message,
+    what: &str,
+) {
+    let event = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 2 s"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        format!("{event:?}").contains(&format!("id: {}", message.id)),
+        "{what}: {event:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and_resume_cleanly() {
     if !Backend::Postgres.available() {
@@ -164,12 +181,7 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
         .send_text(&ann, bob.user_id, "before the cut")
         .await
         .unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(2), stream.message())
-        .await
-        .expect("delivered across instances")
-        .unwrap()
-        .unwrap();
-    assert!(format!("{event:?}").contains(&format!("id: {}", first.id)));
+    assert_next_event_is(&mut stream, &first, "delivered across instances").await;
 
     // B loses PostgreSQL while A keeps working: B's stream ends, never silently.
     open.send_replace(false);
@@ -205,15 +217,12 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
         .send_text(&ann, bob.user_id, "after the cut")
         .await
         .unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(2), resumed.message())
-        .await
-        .expect("the resumed stream receives the next message")
-        .unwrap()
-        .unwrap();
-    assert!(
-        format!("{event:?}").contains(&format!("id: {}", next.id)),
-        "{event:?}"
-    );
+    assert_next_event_is(
+        &mut resumed,
+        &next,
+        "the resumed stream receives the next message",
+    )
+    .await;
     b.stop().await;
     a.stop().await;
 }
