@@ -28,7 +28,7 @@ use crate::{
         AppState,
         auth::AuthApi,
         health,
-        http::PlainHttpLayer,
+        http::{HttpFace, PlainHttpLayer},
         message::MessageApi,
         middleware::{AdmissionLayer, CallLogLayer, CallSlots, CorsLayer},
         reflection::{DescriptorIndex, ReflectionV1, ReflectionV1Alpha},
@@ -306,7 +306,9 @@ impl Application {
         // handlers see one protocol; CORS answers browsers before all that.
         let service = tower::ServiceBuilder::new()
             .layer(CorsLayer::new(config.cors_origins.clone()))
-            .layer(PlainHttpLayer::new(Arc::clone(&state.readiness)))
+            .layer(PlainHttpLayer::new(Arc::new(HttpFace::new(Arc::clone(
+                &state.readiness,
+            ))?)))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(CallLogLayer)
             .layer(AdmissionLayer {

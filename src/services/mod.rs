@@ -32,6 +32,21 @@ use crate::{
     storage::{Database, UserProfile, batch::MessageWriter},
 };
 
+/// The RPCs callable without a bearer token (every other one refuses a call
+/// without one), as full method names.
+const WITHOUT_BEARER: [&str; 4] = [
+    "aimessage.v1.AuthService.Register",
+    "aimessage.v1.AuthService.Login",
+    "aimessage.v1.AuthService.RefreshToken",
+    "aimessage.v1.AuthService.ValidateToken",
+];
+
+/// Whether the RPC `full_name` (`aimessage.v1.AuthService.GetMe`) needs a
+/// bearer token; the OpenAPI document says so per route.
+pub fn needs_bearer(full_name: &str) -> bool {
+    !WITHOUT_BEARER.contains(&full_name)
+}
+
 /// Everything the handlers share, built once at startup.
 pub struct AppState {
     pub db: Arc<dyn Database>,
