@@ -19,5 +19,6 @@ mod logs;
 mod message;
 mod outage;
 mod platform;
+mod rest;
 mod session;
 mod user_admin;

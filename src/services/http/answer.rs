@@ -54,7 +54,7 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> http::Respon
 /// `Retry-After` when the details hold a `RetryInfo`.
 pub fn error_response(status: &Status, pool: &DescriptorPool) -> http::Response<Body> {
     let (body, retry_after) = error_body(status, pool);
-    let mut answer = json_response(http_status(status.code()), body.to_string());
+    let mut answer = json_response(http_status(status.code()), body);
     let headers = answer.headers_mut();
     if status.code() == Code::Unauthenticated {
         headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -65,9 +65,17 @@ pub fn error_response(status: &Status, pool: &DescriptorPool) -> http::Response<
     answer
 }
 
+/// The error body, its fields in the contract's order.
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    code: i32,
+    message: &'a str,
+    details: Vec<serde_json::Value>,
+}
+
 /// `{code, message, details}` with each detail as JSON with its `@type`,
 /// and the whole seconds (rounded up) of a `RetryInfo` among them.
-fn error_body(status: &Status, pool: &DescriptorPool) -> (serde_json::Value, Option<u64>) {
+fn error_body(status: &Status, pool: &DescriptorPool) -> (String, Option<u64>) {
     let mut details = Vec::new();
     let mut retry_after = None;
     let decoded = tonic_types::pb::Status::decode(status.details()).unwrap_or_default();
@@ -96,12 +104,15 @@ fn error_body(status: &Status, pool: &DescriptorPool) -> (serde_json::Value, Opt
         detail.insert("@type".to_owned(), any.type_url.into());
         details.push(serde_json::Value::Object(detail));
     }
-    let body = serde_json::json!({
-        "code": status.code() as i32,
-        "message": status.message(),
-        "details": details,
-    });
-    (body, retry_after)
+    let body = ErrorBody {
+        code: status.code() as i32,
+        message: status.message(),
+        details,
+    };
+    (
+        serde_json::to_string(&body).unwrap_or_default(),
+        retry_after,
+    )
 }
 
 /// The message of one gRPC frame as proto3 JSON.
@@ -263,7 +274,7 @@ struct EventStream {
 impl EventStream {
     fn error_event(&self, status: &Status) -> Bytes {
         let (body, _) = error_body(status, &self.pool);
-        self.format.event("error", body.to_string().as_bytes())
+        self.format.event("error", body.as_bytes())
     }
 
     /// The events of every complete message in the buffer, or the error
@@ -378,6 +389,11 @@ mod tests {
         let status = Status::with_error_details(Code::ResourceExhausted, "slow down", details);
         let (body, retry_after) = error_body(&status, &pool());
         assert_eq!(retry_after, Some(2));
+        assert!(
+            body.starts_with(r#"{"code":8,"message":"slow down","details":["#),
+            "{body}"
+        );
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["code"], 8);
         assert_eq!(body["message"], "slow down");
         let details = body["details"].as_array().unwrap();

@@ -143,9 +143,13 @@ impl HttpFace {
     {
         let (parts, body) = request.into_parts();
         let body = if route.has_body {
-            read_body(&parts.headers, body)
-                .await
-                .map_err(|status| self.error(&status))?
+            read_body(&parts.headers, body).await.map_err(|status| {
+                let mut answer = self.error(&status);
+                if status.code() == Code::ResourceExhausted {
+                    *answer.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                }
+                answer
+            })?
         } else {
             Bytes::new()
         };
@@ -168,8 +172,14 @@ impl HttpFace {
     }
 }
 
+/// A refused body is still read (and dropped) up to this size, so that an
+/// HTTP/1.1 client still sending it reads the 413 instead of a reset.
+const DRAINED_BYTES: usize = 16 * MAX_MESSAGE_BYTES;
+/// ...and for at most this long.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The body of a REST call, at most `MAX_MESSAGE_BYTES` (else 413, code 8).
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Status> {
+async fn read_body(headers: &HeaderMap, mut body: Body) -> Result<Bytes, Status> {
     let too_large = || {
         Status::resource_exhausted(format!(
             "the request body is larger than {MAX_MESSAGE_BYTES} bytes"
@@ -178,19 +188,36 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Status> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > MAX_MESSAGE_BYTES as u64) {
+        .and_then(|value| value.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > DRAINED_BYTES) {
         return Err(too_large());
     }
-    match http_body_util::Limited::new(body, MAX_MESSAGE_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(Status::invalid_argument(
-            "the request body could not be read",
-        )),
+    let mut collected = BytesMut::new();
+    let mut total = 0;
+    let reading = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(Status::invalid_argument(
+                    "the request body could not be read",
+                ));
+            };
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+                if total > DRAINED_BYTES {
+                    return Err(too_large());
+                }
+                // Past the limit the rest is only counted.
+                if total <= MAX_MESSAGE_BYTES {
+                    collected.put(data);
+                }
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(DRAIN_TIME, reading).await {
+        Ok(Ok(())) if total <= MAX_MESSAGE_BYTES => Ok(collected.freeze()),
+        Ok(Err(status)) => Err(status),
+        Ok(Ok(())) | Err(_) => Err(too_large()),
     }
 }
 
