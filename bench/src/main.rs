@@ -5,7 +5,9 @@
 //!
 //!     cargo run --release --bin ai-message-bench -- [--seconds 5] [--concurrency 64]
 //!         [--connections 4] [--bcrypt-cost 12] [--json results.json]
-//!         [--scenarios health,getme,validate,send,list,login,stream,idle]
+//!         [--scenarios health,getme,rest-getme,validate,send,rest-send,list,login,stream,idle]
+//!         (rest-*: the same calls as REST/JSON over HTTP/1.1 keep-alive
+//!         connections, one per caller)
 //!         (also `logs`, not in the default set: the log volume at the default
 //!         level, in bytes per 100,000 calls that succeed and that fail)
 //!         [--database-url postgres://...]   (then pgbench runs beside it)
@@ -34,8 +36,17 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ALL_SCENARIOS: [&str; 8] = [
-    "health", "getme", "validate", "send", "list", "login", "stream", "idle",
+const ALL_SCENARIOS: [&str; 10] = [
+    "health",
+    "getme",
+    "rest-getme",
+    "validate",
+    "send",
+    "rest-send",
+    "list",
+    "login",
+    "stream",
+    "idle",
 ];
 
 /// Load generator for ai-message: starts the server in this process on a
@@ -128,6 +139,63 @@ where
     }
     total.elapsed = started.elapsed();
     total
+}
+
+/// One HTTP/1.1 keep-alive connection per caller, as REST clients use them.
+type RestConnection =
+    tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>;
+
+async fn rest_connections(port: u16, count: usize) -> anyhow::Result<Arc<Vec<RestConnection>>> {
+    let mut connections = Vec::with_capacity(count);
+    for _ in 0..count {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        connections.push(tokio::sync::Mutex::new(sender));
+    }
+    Ok(Arc::new(connections))
+}
+
+fn rest_request(
+    method: &str,
+    path: &str,
+    token: &str,
+    body: String,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut request = http::Request::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *request.method_mut() = method.parse().unwrap_or(http::Method::GET);
+    *request.uri_mut() = path.parse().unwrap_or_default();
+    let headers = request.headers_mut();
+    headers.insert(http::header::HOST, http::HeaderValue::from_static("127.0.0.1"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        headers.insert(http::header::AUTHORIZATION, value);
+    }
+    request
+}
+
+/// Sends `request` on the caller's own connection and reads the whole answer.
+async fn rest_call(
+    connection: &RestConnection,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> bool {
+    use http_body_util::BodyExt as _;
+    let mut sender = connection.lock().await;
+    if sender.ready().await.is_err() {
+        return false;
+    }
+    match sender.send_request(request).await {
+        Ok(response) => {
+            let ok = response.status() == http::StatusCode::OK;
+            response.into_body().collect().await.is_ok() && ok
+        }
+        Err(_) => false,
+    }
 }
 
 fn bearer<T>(message: T, token: &str) -> Request<T> {
@@ -302,6 +370,43 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 let sample = get_me_load(&channels, &tokens, concurrency, duration).await;
                 rows.push(Row {
                     name: "GetMe".into(),
+                    sample,
+                });
+            }
+            "rest-getme" => {
+                let connections = rest_connections(port, concurrency).await?;
+                let tokens = Arc::clone(&tokens);
+                let sample = drive(concurrency, duration, move |w, _| {
+                    let connections = Arc::clone(&connections);
+                    let token = tokens[w % tokens.len()].clone();
+                    async move {
+                        let request = rest_request("GET", "/auth/me", &token, String::new());
+                        rest_call(&connections[w], request).await
+                    }
+                })
+                .await;
+                rows.push(Row {
+                    name: "REST GET /auth/me (HTTP/1.1)".into(),
+                    sample,
+                });
+            }
+            "rest-send" => {
+                let connections = rest_connections(port, concurrency).await?;
+                let (tokens, ids) = (Arc::clone(&tokens), Arc::clone(&ids));
+                let sample = drive(concurrency, duration, move |w, n| {
+                    let connections = Arc::clone(&connections);
+                    let from = w % tokens.len();
+                    let to = (from + 1 + (n as usize % (ids.len() - 1))) % ids.len();
+                    let body = format!(
+                        r#"{{"recipient_id": {}, "content": "benchmark message"}}"#,
+                        ids[to]
+                    );
+                    let request = rest_request("POST", "/messages", &tokens[from], body);
+                    async move { rest_call(&connections[w], request).await }
+                })
+                .await;
+                rows.push(Row {
+                    name: "REST POST /messages (HTTP/1.1)".into(),
                     sample,
                 });
             }
@@ -502,6 +607,17 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
         .iter()
         .find(|r| r.name == "health Check")
         .map(|r| r.sample.rate());
+    let rate_of = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.sample.rate());
+    for (rest, grpc) in [
+        ("REST GET /auth/me (HTTP/1.1)", "GetMe"),
+        ("REST POST /messages (HTTP/1.1)", "SendMessage"),
+    ] {
+        if let (Some(rest_rate), Some(grpc_rate)) = (rate_of(rest), rate_of(grpc)) {
+            let share = rest_rate / grpc_rate * 100.0;
+            summary.push(format!("{rest}: {share:.0}% of gRPC {grpc} in this run"));
+            extra.push((format!("rest_{}_percent_of_grpc", grpc.to_ascii_lowercase()), share));
+        }
+    }
     println!(
         "\n{:<38} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}",
         "scenario", "calls/s", "% floor", "p50 ms", "p99 ms", "p99.9 ms", "errors"

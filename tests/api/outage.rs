@@ -135,6 +135,12 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
         }
     }
 
+    // REST callers get the same answer as 503 with the error body.
+    crate::rest::Rest::new(&app)
+        .call("GET", "/auth/me", Some(&mia.access_token), None)
+        .await
+        .assert_error(503, Code::Unavailable);
+
     open.send_replace(true);
     let took = wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(5)).await;
     eprintln!("SERVING again after {took:?}");

@@ -11,6 +11,7 @@ use crate::helpers::{
 
 backend_tests!(
     every_admin_and_session_rpc_answers_the_exact_code_for_each_kind_of_caller,
+    the_authorization_matrix_holds_through_rest,
     list_users_pages_through_every_user_once,
     list_users_filters_by_substring_case_insensitively,
     list_users_refuses_foreign_or_malformed_page_tokens_and_negative_sizes,
@@ -25,8 +26,88 @@ backend_tests!(
     create_superuser_from_the_command_line_gives_a_working_admin,
 );
 
+/// How the matrix reaches the server.
+#[derive(Clone, Copy)]
+enum Transport {
+    Grpc,
+    Rest,
+}
+
+/// One RPC of the matrix, called with `token` (or none) over `transport`.
+async fn call(
+    app: &TestApp,
+    rpc: &str,
+    token: Option<&str>,
+    fx: &Fixture,
+    transport: Transport,
+) -> Code {
+    match transport {
+        Transport::Grpc => call_grpc(app, rpc, token, fx).await,
+        Transport::Rest => call_rest(app, rpc, token, fx).await,
+    }
+}
+
+/// The matrix's call through REST: the gRPC code of the answer, checked
+/// against its HTTP status.
+async fn call_rest(app: &TestApp, rpc: &str, token: Option<&str>, fx: &Fixture) -> Code {
+    use serde_json::json;
+    let victim = fx.victim;
+    let (method, path, body) = match rpc {
+        "ListUsers" => ("GET", "/auth/users".to_owned(), None),
+        "GetUser" => ("GET", format!("/auth/users/{victim}"), None),
+        "CreateUser" => {
+            let name = format!("created{}", fx.counter());
+            let body = json!({"username": name, "email": format!("{name}@example.com"), "password": PASSWORD});
+            ("POST", "/auth/users".to_owned(), Some(body))
+        }
+        "DeleteUser" => ("DELETE", format!("/auth/users/{}", fx.doomed), None),
+        "DisableUser" => ("PUT", format!("/auth/users/{victim}/disable"), Some(json!({}))),
+        "EnableUser" => ("PUT", format!("/auth/users/{victim}/enable"), Some(json!({}))),
+        "SetSuperuser" => (
+            "PUT",
+            format!("/auth/users/{victim}/superuser"),
+            Some(json!({"is_superuser": false})),
+        ),
+        "SetUserRoles" => (
+            "PUT",
+            format!("/auth/users/{victim}/roles"),
+            Some(json!({"role_ids": [fx.role]})),
+        ),
+        "GetUserRoles" => ("GET", format!("/auth/users/{victim}/roles"), None),
+        "ListRoles" => ("GET", "/auth/roles".to_owned(), None),
+        "CreateRole" => (
+            "POST",
+            "/auth/roles".to_owned(),
+            Some(json!({"name": format!("role{}", fx.counter())})),
+        ),
+        "DeleteRole" => ("DELETE", format!("/auth/roles/{}", fx.doomed_role), None),
+        "ListSessions" => ("GET", "/auth/sessions".to_owned(), None),
+        "DeleteSession" => {
+            let session_id = match token {
+                Some(token) => fx.spare_session_of(app, token).await,
+                None => 1,
+            };
+            ("DELETE", format!("/auth/sessions/{session_id}"), None)
+        }
+        other => panic!("no call for {other}"),
+    };
+    let answer = crate::rest::Rest::new(app).call(method, &path, token, body).await;
+    if answer.status == 200 {
+        return Code::Ok;
+    }
+    let code = Code::from_i32(i32::try_from(answer.code()).unwrap());
+    let expected_status = match code {
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        _ => answer.status,
+    };
+    assert_eq!(answer.status, expected_status, "{rpc}: {answer:?}");
+    code
+}
+
 /// One RPC of the matrix, called with `token` (or none).
-async fn call(app: &TestApp, rpc: &str, token: Option<&str>, fx: &Fixture) -> Code {
+async fn call_grpc(app: &TestApp, rpc: &str, token: Option<&str>, fx: &Fixture) -> Code {
     fn req<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
         match token {
             Some(token) => with_bearer(message, token),
@@ -187,6 +268,14 @@ impl Fixture {
 async fn every_admin_and_session_rpc_answers_the_exact_code_for_each_kind_of_caller(
     backend: Backend,
 ) {
+    authorization_matrix(backend, Transport::Grpc).await;
+}
+
+async fn the_authorization_matrix_holds_through_rest(backend: Backend) {
+    authorization_matrix(backend, Transport::Rest).await;
+}
+
+async fn authorization_matrix(backend: Backend, transport: Transport) {
     let app = spawn_app(backend).await;
     let root = app.superuser("root").await;
     let normal = app.register_and_login("normal").await;
@@ -274,7 +363,7 @@ async fn every_admin_and_session_rpc_answers_the_exact_code_for_each_kind_of_cal
             ("superuser", Some(root.access_token.as_str()), superuser),
         ];
         for (who, token, expected) in cells {
-            let got = call(&app, rpc, token, &fx).await;
+            let got = call(&app, rpc, token, &fx, transport).await;
             if got != expected {
                 failures.push(format!(
                     "{rpc} as {who}: expected {expected:?}, got {got:?}"
