@@ -168,7 +168,10 @@ fn rest_request(
     *request.method_mut() = method.parse().unwrap_or(http::Method::GET);
     *request.uri_mut() = path.parse().unwrap_or_default();
     let headers = request.headers_mut();
-    headers.insert(http::header::HOST, http::HeaderValue::from_static("127.0.0.1"));
+    headers.insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("127.0.0.1"),
+    );
     headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
@@ -607,7 +610,11 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
         .iter()
         .find(|r| r.name == "health Check")
         .map(|r| r.sample.rate());
-    let rate_of = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.sample.rate());
+    let rate_of = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .map(|r| r.sample.rate())
+    };
     for (rest, grpc) in [
         ("REST GET /auth/me (HTTP/1.1)", "GetMe"),
         ("REST POST /messages (HTTP/1.1)", "SendMessage"),
@@ -615,7 +622,10 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
         if let (Some(rest_rate), Some(grpc_rate)) = (rate_of(rest), rate_of(grpc)) {
             let share = rest_rate / grpc_rate * 100.0;
             summary.push(format!("{rest}: {share:.0}% of gRPC {grpc} in this run"));
-            extra.push((format!("rest_{}_percent_of_grpc", grpc.to_ascii_lowercase()), share));
+            extra.push((
+                format!("rest_{}_percent_of_grpc", grpc.to_ascii_lowercase()),
+                share,
+            ));
         }
     }
     println!(

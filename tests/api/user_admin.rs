@@ -61,8 +61,16 @@ async fn call_rest(app: &TestApp, rpc: &str, token: Option<&str>, fx: &Fixture) 
             ("POST", "/auth/users".to_owned(), Some(body))
         }
         "DeleteUser" => ("DELETE", format!("/auth/users/{}", fx.doomed), None),
-        "DisableUser" => ("PUT", format!("/auth/users/{victim}/disable"), Some(json!({}))),
-        "EnableUser" => ("PUT", format!("/auth/users/{victim}/enable"), Some(json!({}))),
+        "DisableUser" => (
+            "PUT",
+            format!("/auth/users/{victim}/disable"),
+            Some(json!({})),
+        ),
+        "EnableUser" => (
+            "PUT",
+            format!("/auth/users/{victim}/enable"),
+            Some(json!({})),
+        ),
         "SetSuperuser" => (
             "PUT",
             format!("/auth/users/{victim}/superuser"),
@@ -91,7 +99,9 @@ async fn call_rest(app: &TestApp, rpc: &str, token: Option<&str>, fx: &Fixture) 
         }
         other => panic!("no call for {other}"),
     };
-    let answer = crate::rest::Rest::new(app).call(method, &path, token, body).await;
+    let answer = crate::rest::Rest::new(app)
+        .call(method, &path, token, body)
+        .await;
     if answer.status == 200 {
         return Code::Ok;
     }

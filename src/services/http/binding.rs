@@ -216,22 +216,17 @@ mod tests {
 
     #[test]
     fn a_wrong_json_type_names_the_field_by_its_proto_name() {
-        let status = bind(
-            Method::POST,
-            "/messages",
-            None,
-            r#"{"recipientId": "seven"}"#,
-        )
-        .unwrap_err();
-        assert_eq!(violated_field(&status), "recipient_id");
-        let status = bind(
-            Method::POST,
-            "/messages:markRead",
-            None,
-            r#"{"message_ids": [1, "x"]}"#,
-        )
-        .unwrap_err();
-        assert_eq!(violated_field(&status), "message_ids[1]");
+        for (path, body, field) in [
+            ("/messages", r#"{"recipientId": "seven"}"#, "recipient_id"),
+            (
+                "/messages:markRead",
+                r#"{"message_ids": [1, "x"]}"#,
+                "message_ids[1]",
+            ),
+        ] {
+            let status = bind(Method::POST, path, None, body).unwrap_err();
+            assert_eq!(violated_field(&status), field, "{body}");
+        }
     }
 
     #[test]

@@ -101,18 +101,17 @@ impl HttpFace {
         S: Service<http::Request<Body>, Response = http::Response<Body>>,
     {
         let path = request.uri().path();
-        let fixed: Option<(&[Method], fn(&Self) -> http::Response<Body>)> = match path {
-            "/health" => Some((&[Method::GET], Self::health)),
-            "/openapi.json" => Some((&[Method::GET], |face| {
-                json_response(StatusCode::OK, face.openapi.clone())
-            })),
+        // The two fixed documents answer GET only.
+        let fixed = match path {
+            "/health" => Some(self.health()),
+            "/openapi.json" => Some(json_response(StatusCode::OK, self.openapi.clone())),
             _ => None,
         };
-        if let Some((allowed, answer)) = fixed {
-            return if allowed.contains(request.method()) {
-                answer(self)
+        if let Some(answer) = fixed {
+            return if request.method() == Method::GET {
+                answer
             } else {
-                self.method_not_allowed(path, allowed)
+                self.method_not_allowed(path, &[Method::GET])
             };
         }
         match self.routes.lookup(request.method(), path) {
