@@ -33,6 +33,7 @@ backend_tests!(
     logout_over_rest_is_enforced_over_grpc_and_the_reverse,
     rest_logins_record_the_user_agent_and_the_peer_address,
     a_trusted_proxy_forwards_the_client_address_over_rest,
+    rest_is_served_over_http2_too,
 );
 
 /// A REST client for one test server.
@@ -981,5 +982,73 @@ async fn a_write_behind_a_held_sqlite_lock_is_503_over_rest() {
     answer.assert_error(503, Code::Unavailable);
     lock.release().await;
     assert!(app.get_me(&bob.access_token).await.is_ok());
+    app.stop().await;
+}
+
+async fn rest_is_served_over_http2_too(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let rest = Rest::new(&app);
+    let bob = rest.register_and_login("bob").await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(format!("http://127.0.0.1:{}/auth/me", app.port))
+        .bearer_auth(&bob.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(id(&body["user"]["id"]), bob.user_id);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_from_an_allowed_origin_may_call_rest_and_others_get_no_cors_header() {
+    let app = spawn_app_with(Backend::Sqlite, |config| {
+        config.cors_origins =
+            ai_message::config::CorsOrigins::List(vec!["https://app.example".into()]);
+    })
+    .await;
+    let rest = Rest::new(&app);
+    let preflight = Rest::send(
+        rest.request("OPTIONS", "/auth/login", None)
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type"),
+    )
+    .await;
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let allowed = Rest::send(
+        rest.request("POST", "/auth/login", None)
+            .header("origin", "https://app.example")
+            .json(&json!({"username": "nobody", "password": "wrong"})),
+    )
+    .await;
+    allowed.assert_error(401, Code::Unauthenticated);
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let refused = Rest::send(
+        rest.request("POST", "/auth/login", None)
+            .header("origin", "https://evil.example")
+            .json(&json!({"username": "nobody", "password": "wrong"})),
+    )
+    .await;
+    assert!(
+        refused
+            .headers
+            .keys()
+            .all(|name| !name.as_str().starts_with("access-control-")),
+        "{refused:?}"
+    );
     app.stop().await;
 }
