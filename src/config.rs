@@ -150,6 +150,15 @@ pub struct Config {
     /// `AI_MESSAGE_CORS_ORIGINS`: origins allowed to call from a browser
     /// (comma-separated, or `*`); default none.
     pub cors_origins: CorsOrigins,
+    /// `AI_MESSAGE_SIGNING_KEY_FILE`: a PEM Ed25519 private key; access
+    /// tokens are then EdDSA with a `kid`, and HS256 is refused. Default none.
+    pub signing_key_file: Option<PathBuf>,
+    /// `AI_MESSAGE_VERIFY_KEY_FILES`: further Ed25519 keys (PEM, public or
+    /// private, comma-separated) whose tokens are still accepted. Default none.
+    pub verify_key_files: Vec<PathBuf>,
+    /// `AI_MESSAGE_VALIDATION_CACHE_TTL`: ValidateToken's `cache_until` is at
+    /// most this far ahead; default 1 s.
+    pub validation_cache_ttl: Duration,
     /// HTTP/2 and gRPC limits (additions to the contract's variables).
     pub transport: TransportLimits,
 }
@@ -224,6 +233,9 @@ impl Config {
             max_pending_hashes: 64,
             reflection: true,
             cors_origins: CorsOrigins::None,
+            signing_key_file: None,
+            verify_key_files: Vec::new(),
+            validation_cache_ttl: Duration::from_secs(1),
             transport: TransportLimits::default(),
         }
     }
@@ -264,7 +276,10 @@ impl Config {
                     format!("must be at least {MIN_SECRET_KEY_BYTES} bytes"),
                 ));
             }
-            None if matches!(database, DatabaseTarget::Postgres(_)) => {
+            // With a signing key file the HS256 secret is not used.
+            None if matches!(database, DatabaseTarget::Postgres(_))
+                && get("AI_MESSAGE_SIGNING_KEY_FILE").is_none() =>
+            {
                 return Err(bad(
                     "AI_MESSAGE_SECRET_KEY",
                     "must be set when DATABASE_URL is PostgreSQL",
@@ -372,6 +387,21 @@ impl Config {
                 }
                 None => defaults.cors_origins.clone(),
             },
+            signing_key_file: get("AI_MESSAGE_SIGNING_KEY_FILE")
+                .map(|path| PathBuf::from(path.trim())),
+            verify_key_files: get("AI_MESSAGE_VERIFY_KEY_FILES")
+                .map(|list| {
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|path| !path.is_empty())
+                        .map(PathBuf::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            validation_cache_ttl: duration(
+                "AI_MESSAGE_VALIDATION_CACHE_TTL",
+                defaults.validation_cache_ttl,
+            )?,
             transport,
             database,
         })
@@ -713,6 +743,9 @@ mod tests {
             "AI_MESSAGE_CONNECTION_IDLE_TIMEOUT",
             "AI_MESSAGE_MAX_CONNECTIONS",
             "AI_MESSAGE_SHUTDOWN_GRACE",
+            "AI_MESSAGE_SIGNING_KEY_FILE",
+            "AI_MESSAGE_VERIFY_KEY_FILES",
+            "AI_MESSAGE_VALIDATION_CACHE_TTL",
         ] {
             assert!(
                 values.contains_key(variable),

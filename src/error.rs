@@ -2,6 +2,8 @@
 //! `tonic::Status`. Handlers return `AppError` with `?`; storage errors arrive
 //! through `From<StorageError>`.
 
+use std::{borrow::Cow, time::Duration};
+
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -13,19 +15,20 @@ pub enum AppError {
     /// Request fields that break the contract's rules; never empty.
     #[error("invalid request: {}", describe(.0))]
     InvalidArgument(Vec<FieldViolation>),
-    #[error("{0}")]
-    Unauthenticated(&'static str),
-    #[error("{0}")]
-    PermissionDenied(&'static str),
+    /// UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED or
+    /// FAILED_PRECONDITION: the code and the ErrorInfo reason come from
+    /// `reason`; throttling and overload say when to retry.
+    #[error("{message}")]
+    Refused {
+        reason: Reason,
+        message: Cow<'static, str>,
+        retry_after: Option<Duration>,
+    },
     #[error("{0}")]
     NotFound(String),
     /// A unique field already taken by another record.
     #[error("{0} already exists")]
     AlreadyExists(&'static str),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    ResourceExhausted(&'static str),
     /// The database (or another dependency) cannot be reached right now.
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -42,9 +45,119 @@ fn describe(violations: &[FieldViolation]) -> String {
         .join("; ")
 }
 
+/// Why a call was refused: the `reason` of its `google.rpc.ErrorInfo`, so
+/// that clients act without parsing messages. Each belongs to one code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    TokenMissing,
+    TokenInvalid,
+    TokenExpired,
+    SessionRevoked,
+    LoginFailed,
+    RefreshTokenInvalid,
+    RefreshTokenReused,
+    AccountDisabled,
+    SuperuserRequired,
+    RoleRequired,
+    NotMessageSender,
+    AccountThrottled,
+    AddressThrottled,
+    ServerOverloaded,
+    RequestTooLarge,
+    StreamLagged,
+    CannotModifySelf,
+    RecipientDisabled,
+    CursorExpired,
+}
+
+/// The ErrorInfo `domain` of every reason.
+pub const ERROR_DOMAIN: &str = "ai-message";
+
+impl Reason {
+    pub const fn code(self) -> Code {
+        use Reason::*;
+        match self {
+            TokenMissing | TokenInvalid | TokenExpired | SessionRevoked | LoginFailed
+            | RefreshTokenInvalid | RefreshTokenReused => Code::Unauthenticated,
+            AccountDisabled | SuperuserRequired | RoleRequired | NotMessageSender => {
+                Code::PermissionDenied
+            }
+            AccountThrottled | AddressThrottled | ServerOverloaded | RequestTooLarge
+            | StreamLagged => Code::ResourceExhausted,
+            CannotModifySelf | RecipientDisabled | CursorExpired => Code::FailedPrecondition,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        use Reason::*;
+        match self {
+            TokenMissing => "TOKEN_MISSING",
+            TokenInvalid => "TOKEN_INVALID",
+            TokenExpired => "TOKEN_EXPIRED",
+            SessionRevoked => "SESSION_REVOKED",
+            LoginFailed => "LOGIN_FAILED",
+            RefreshTokenInvalid => "REFRESH_TOKEN_INVALID",
+            RefreshTokenReused => "REFRESH_TOKEN_REUSED",
+            AccountDisabled => "ACCOUNT_DISABLED",
+            SuperuserRequired => "SUPERUSER_REQUIRED",
+            RoleRequired => "ROLE_REQUIRED",
+            NotMessageSender => "NOT_MESSAGE_SENDER",
+            AccountThrottled => "ACCOUNT_THROTTLED",
+            AddressThrottled => "ADDRESS_THROTTLED",
+            ServerOverloaded => "SERVER_OVERLOADED",
+            RequestTooLarge => "REQUEST_TOO_LARGE",
+            StreamLagged => "STREAM_LAGGED",
+            CannotModifySelf => "CANNOT_MODIFY_SELF",
+            RecipientDisabled => "RECIPIENT_DISABLED",
+            CursorExpired => "CURSOR_EXPIRED",
+        }
+    }
+}
+
+/// The status refusing a call for `reason`: its code, `message`, an
+/// ErrorInfo (domain `ai-message`, no metadata: nothing the caller could not
+/// already know) and, with `retry_after`, a RetryInfo.
+pub fn refusal(
+    reason: Reason,
+    message: impl Into<String>,
+    retry_after: Option<Duration>,
+) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        reason.as_str(),
+        ERROR_DOMAIN,
+        std::collections::HashMap::new(),
+    );
+    if let Some(delay) = retry_after {
+        details.set_retry_info(Some(delay));
+    }
+    Status::with_error_details(reason.code(), message, details)
+}
+
+/// What load shedding tells a client to wait before retrying.
+pub const OVERLOAD_RETRY: Duration = Duration::from_secs(1);
+
 impl AppError {
     pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
         Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// A refusal for `reason` with a fixed text.
+    pub fn refused(reason: Reason, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::Refused {
+            reason,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A throttling or overload refusal that says when to retry.
+    pub fn throttled(reason: Reason, message: &'static str, retry_after: Duration) -> Self {
+        Self::Refused {
+            reason,
+            message: Cow::Borrowed(message),
+            retry_after: Some(retry_after),
+        }
     }
 
     pub fn internal(error: impl Into<anyhow::Error>) -> Self {
@@ -81,9 +194,10 @@ impl From<StorageError> for AppError {
         match error {
             StorageError::Conflict(field) => Self::AlreadyExists(field),
             StorageError::NotFound(what) => Self::NotFound(format!("{what} not found")),
-            StorageError::RecipientDisabled => {
-                Self::FailedPrecondition(crate::domain::message::RECIPIENT_DISABLED.into())
-            }
+            StorageError::RecipientDisabled => Self::refused(
+                Reason::RecipientDisabled,
+                crate::domain::message::RECIPIENT_DISABLED,
+            ),
             StorageError::Unavailable(source) => Self::Unavailable(source.into()),
             StorageError::Internal(source) => Self::Internal(source.into()),
         }
@@ -101,12 +215,13 @@ impl From<AppError> for Status {
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
-            AppError::Unauthenticated(_) => Status::unauthenticated(message),
-            AppError::PermissionDenied(_) => Status::permission_denied(message),
+            AppError::Refused {
+                reason,
+                retry_after,
+                ..
+            } => refusal(reason, message, retry_after),
             AppError::NotFound(_) => Status::not_found(message),
             AppError::AlreadyExists(_) => Status::already_exists(message),
-            AppError::FailedPrecondition(_) => Status::failed_precondition(message),
-            AppError::ResourceExhausted(_) => Status::resource_exhausted(message),
             // The client gets a fixed text and an id; the log line with the
             // same id has the details.
             AppError::Unavailable(source) => {
@@ -209,18 +324,51 @@ mod tests {
     #[test]
     fn each_variant_maps_to_its_code() {
         let cases = [
-            (AppError::Unauthenticated("x"), Code::Unauthenticated),
-            (AppError::PermissionDenied("x"), Code::PermissionDenied),
+            (
+                AppError::refused(Reason::LoginFailed, "x"),
+                Code::Unauthenticated,
+            ),
+            (
+                AppError::refused(Reason::SuperuserRequired, "x"),
+                Code::PermissionDenied,
+            ),
             (AppError::NotFound("x".into()), Code::NotFound),
             (AppError::AlreadyExists("username"), Code::AlreadyExists),
             (
-                AppError::FailedPrecondition("x".into()),
+                AppError::refused(Reason::CannotModifySelf, "x"),
                 Code::FailedPrecondition,
             ),
-            (AppError::ResourceExhausted("x"), Code::ResourceExhausted),
+            (
+                AppError::refused(Reason::StreamLagged, "x"),
+                Code::ResourceExhausted,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(Status::from(error).code(), code);
         }
+    }
+
+    #[test]
+    fn refusals_carry_error_info_and_throttling_retry_info() {
+        let status = Status::from(AppError::throttled(
+            Reason::AccountThrottled,
+            "slow down",
+            Duration::from_secs(15),
+        ));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let info = status.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("ACCOUNT_THROTTLED", ERROR_DOMAIN)
+        );
+        assert!(info.metadata.is_empty(), "nothing beyond the reason");
+        let retry = status.get_details_retry_info().expect("a RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(15)));
+        let plain = Status::from(AppError::refused(Reason::TokenMissing, "no token"));
+        assert_eq!(
+            plain.get_details_error_info().unwrap().reason,
+            "TOKEN_MISSING"
+        );
+        assert!(plain.get_details_retry_info().is_none());
     }
 }

@@ -76,6 +76,9 @@ pub struct EventHub {
     /// Whether every event of every instance reaches this hub right now:
     /// always without a remote channel, else as its listener reports.
     connected: watch::Sender<bool>,
+    /// Bumped whenever a user's sessions may have changed, on any instance:
+    /// revocation feeds then read the log at once instead of at their poll.
+    revocations: watch::Sender<u64>,
 }
 
 /// The event channel is down: a subscription now would miss events silently.
@@ -123,7 +126,13 @@ impl EventHub {
             sessions,
             clock,
             connected,
+            revocations: watch::channel(0).0,
         })
+    }
+
+    /// Changes whenever a revocation may have been committed anywhere.
+    pub fn revocation_signal(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
     }
 
     /// Where the listener of the remote channel reports its state.
@@ -193,8 +202,14 @@ impl EventHub {
 
     fn deliver(&self, event: Arc<HubEvent>) {
         match &*event {
-            HubEvent::UserChanged { user_id } => self.sessions.invalidate_user(*user_id),
-            HubEvent::AllUsersChanged => self.sessions.clear(),
+            HubEvent::UserChanged { user_id } => {
+                self.sessions.invalidate_user(*user_id);
+                self.revocations.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            HubEvent::AllUsersChanged => {
+                self.sessions.clear();
+                self.revocations.send_modify(|n| *n = n.wrapping_add(1));
+            }
             HubEvent::Message { .. } => {}
         }
         let channels = self.lock();

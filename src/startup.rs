@@ -237,6 +237,10 @@ impl Application {
         background.push(tokio::spawn(
             state.throttle.clone().sweep_regularly(stop_tx.subscribe()),
         ));
+        background.push(tokio::spawn(crate::services::revocations::sweep_regularly(
+            Arc::clone(&state),
+            stop_tx.subscribe(),
+        )));
         background.push(tokio::spawn(health::probe_database(
             Arc::clone(&state.db),
             health_reporter.clone(),

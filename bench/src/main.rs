@@ -5,7 +5,7 @@
 //!
 //!     cargo run --release --bin ai-message-bench -- [--seconds 5] [--concurrency 64]
 //!         [--connections 4] [--bcrypt-cost 12] [--json results.json]
-//!         [--scenarios health,getme,rest-getme,validate,send,rest-send,list,login,stream,idle]
+//!         [--scenarios health,getme,rest-getme,validate,validate-batch,send,rest-send,list,login,stream,idle]
 //!         (rest-*: the same calls as REST/JSON over HTTP/1.1 keep-alive
 //!         connections, one per caller)
 //!         (also `logs`, not in the default set: the log volume at the default
@@ -36,11 +36,12 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ALL_SCENARIOS: [&str; 10] = [
+const ALL_SCENARIOS: [&str; 11] = [
     "health",
     "getme",
     "rest-getme",
     "validate",
+    "validate-batch",
     "send",
     "rest-send",
     "list",
@@ -423,7 +424,10 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     let token = tokens[w % tokens.len()].clone();
                     async move {
                         client
-                            .validate_token(proto::ValidateTokenRequest { token })
+                            .validate_token(proto::ValidateTokenRequest {
+                                token,
+                                ..Default::default()
+                            })
                             .await
                             .is_ok_and(|r| r.into_inner().active)
                     }
@@ -431,6 +435,41 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 .await;
                 rows.push(Row {
                     name: "ValidateToken".into(),
+                    sample,
+                });
+            }
+            "validate-batch" => {
+                let clients: Vec<_> = (0..concurrency)
+                    .map(|w| AuthServiceClient::new(channel(w)))
+                    .collect();
+                let tokens = Arc::clone(&tokens);
+                let sample = drive(concurrency, duration, move |w, n| {
+                    let mut client = clients[w].clone();
+                    let batch: Vec<String> = (0..VALIDATE_BATCH)
+                        .map(|i| tokens[(w + n as usize + i) % tokens.len()].clone())
+                        .collect();
+                    async move {
+                        client
+                            .validate_tokens(proto::ValidateTokensRequest {
+                                tokens: batch,
+                                required_roles: Vec::new(),
+                            })
+                            .await
+                            .is_ok_and(|r| r.into_inner().results.iter().all(|r| r.active))
+                    }
+                })
+                .await;
+                let calls = sample.rate();
+                summary.push(format!(
+                    "ValidateTokens ({VALIDATE_BATCH} tokens a call): {:.0} tokens validated/s",
+                    calls * VALIDATE_BATCH as f64
+                ));
+                extra.push((
+                    "validate_batch_tokens_per_second".into(),
+                    calls * VALIDATE_BATCH as f64,
+                ));
+                rows.push(Row {
+                    name: format!("ValidateTokens ({VALIDATE_BATCH} tokens)"),
                     sample,
                 });
             }
@@ -696,6 +735,9 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Tokens per ValidateTokens call in the `validate-batch` scenario.
+const VALIDATE_BATCH: usize = 10;
 
 /// Calls per run of the `logs` scenario.
 const LOG_VOLUME_CALLS: u64 = 100_000;

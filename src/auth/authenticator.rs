@@ -14,13 +14,16 @@ use super::{
 };
 use crate::{
     domain::Timestamp,
-    error::AppError,
+    error::{AppError, Reason},
     storage::{Database, UserProfile},
 };
 
 /// `last_used_at` is written at most this often per session (one minute), so
 /// that authenticated calls do not each cost a database write.
 pub const LAST_USED_PRECISION_MICROS: i64 = 60_000_000;
+
+/// Why a well-formed token's call is refused once its session is gone.
+pub const SESSION_ENDED: &str = "the session has ended; log in again";
 
 /// The authenticated caller of one RPC: a live session of an active user.
 #[derive(Debug, Clone)]
@@ -57,20 +60,24 @@ impl Authenticator {
     ) -> Result<Caller, AppError> {
         let access = match bearer {
             Some(BearerOutcome::Verified(access)) => *access,
-            Some(BearerOutcome::Rejected) => {
-                return Err(AppError::Unauthenticated(interceptor::INVALID_TOKEN));
+            Some(BearerOutcome::Rejected(reason)) => {
+                return Err(AppError::refused(
+                    *reason,
+                    interceptor::rejection_text(*reason),
+                ));
             }
             Some(BearerOutcome::Missing) | None => {
-                return Err(AppError::Unauthenticated(interceptor::MISSING_TOKEN));
+                return Err(AppError::refused(
+                    Reason::TokenMissing,
+                    interceptor::MISSING_TOKEN,
+                ));
             }
         };
         let now = now.micros();
         let cached = self
             .live_session(access.session_id, access.user_id, now)
             .await?
-            .ok_or(AppError::Unauthenticated(
-                "the session has ended; log in again",
-            ))?;
+            .ok_or(AppError::refused(Reason::SessionRevoked, SESSION_ENDED))?;
         if now - cached.live.last_used_at >= LAST_USED_PRECISION_MICROS {
             self.mark_session_used(access.session_id, now);
         }
@@ -87,7 +94,10 @@ impl Authenticator {
     /// session, never from the token).
     pub fn require_superuser(caller: Caller) -> Result<Caller, AppError> {
         if !caller.user.is_superuser {
-            return Err(AppError::PermissionDenied("only superusers may do this"));
+            return Err(AppError::refused(
+                Reason::SuperuserRequired,
+                "only superusers may do this",
+            ));
         }
         Ok(caller)
     }

@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Status, metadata::MetadataMap, service::Interceptor};
 
-use super::tokens::{AccessToken, TokenService};
-use crate::domain::Clock;
+use super::tokens::{AccessToken, TokenError, TokenService};
+use crate::{
+    domain::Clock,
+    error::{Reason, refusal},
+};
 
 /// What the interceptor found, for handlers to read from the extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,8 +20,9 @@ pub enum BearerOutcome {
     Verified(AccessToken),
     /// No `authorization` metadata at all.
     Missing,
-    /// Present but unusable: wrong scheme, bad signature, expired, ...
-    Rejected,
+    /// Present but unusable: `TokenExpired`, or `TokenInvalid` (wrong
+    /// scheme, bad signature, two entries, ...).
+    Rejected(Reason),
 }
 
 /// Verifies bearer tokens. With `required`, a call without a usable token is
@@ -55,14 +59,15 @@ impl BearerInterceptor {
         };
         // Two credentials: a proxy may have authorized the other one.
         if entries.next().is_some() {
-            return BearerOutcome::Rejected;
+            return BearerOutcome::Rejected(Reason::TokenInvalid);
         }
         let Some(token) = value.to_str().ok().and_then(bearer_token) else {
-            return BearerOutcome::Rejected;
+            return BearerOutcome::Rejected(Reason::TokenInvalid);
         };
         match self.tokens.verify_access(token, self.clock.now()) {
             Ok(access) => BearerOutcome::Verified(access),
-            Err(_) => BearerOutcome::Rejected,
+            Err(TokenError::Expired) => BearerOutcome::Rejected(Reason::TokenExpired),
+            Err(_) => BearerOutcome::Rejected(Reason::TokenInvalid),
         }
     }
 }
@@ -75,7 +80,17 @@ pub fn bearer_token(header: &str) -> Option<&str> {
 }
 
 pub const MISSING_TOKEN: &str = "missing bearer token";
-pub const INVALID_TOKEN: &str = "invalid or expired access token";
+pub const INVALID_TOKEN: &str = "invalid access token";
+pub const EXPIRED_TOKEN: &str = "expired access token";
+
+/// The message of a rejected token.
+pub fn rejection_text(reason: Reason) -> &'static str {
+    if reason == Reason::TokenExpired {
+        EXPIRED_TOKEN
+    } else {
+        INVALID_TOKEN
+    }
+}
 
 impl Interceptor for BearerInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -83,8 +98,12 @@ impl Interceptor for BearerInterceptor {
         if self.required {
             match outcome {
                 BearerOutcome::Verified(_) => {}
-                BearerOutcome::Missing => return Err(Status::unauthenticated(MISSING_TOKEN)),
-                BearerOutcome::Rejected => return Err(Status::unauthenticated(INVALID_TOKEN)),
+                BearerOutcome::Missing => {
+                    return Err(refusal(Reason::TokenMissing, MISSING_TOKEN, None));
+                }
+                BearerOutcome::Rejected(reason) => {
+                    return Err(refusal(reason, rejection_text(reason), None));
+                }
             }
         }
         request.extensions_mut().insert(outcome);
@@ -178,7 +197,7 @@ mod tests {
         let passed = interceptor.call(request_with(Some("Bearer junk"))).unwrap();
         assert_eq!(
             passed.extensions().get::<BearerOutcome>(),
-            Some(&BearerOutcome::Rejected)
+            Some(&BearerOutcome::Rejected(Reason::TokenInvalid))
         );
         let passed = interceptor.call(request_with(None)).unwrap();
         assert_eq!(

@@ -12,7 +12,10 @@ use std::sync::{
 use tokio::sync::{OnceCell, Semaphore};
 use tracing::Instrument as _;
 
-use crate::{domain::account::MAX_PASSWORD_BYTES, error::AppError};
+use crate::{
+    domain::account::MAX_PASSWORD_BYTES,
+    error::{AppError, OVERLOAD_RETRY, Reason},
+};
 
 pub struct PasswordHasher {
     cost: u32,
@@ -80,8 +83,10 @@ impl PasswordHasher {
         let waiting_before = self.waiting.fetch_add(1, Ordering::SeqCst);
         let waiting = WaitingGuard(&self.waiting);
         if waiting_before >= self.max_pending {
-            return Err(AppError::ResourceExhausted(
+            return Err(AppError::throttled(
+                Reason::ServerOverloaded,
                 "too many password checks in progress; retry shortly",
+                OVERLOAD_RETRY,
             ));
         }
         let _permit = self.workers.acquire().await.map_err(AppError::internal)?;
@@ -194,7 +199,11 @@ mod tests {
             .collect();
         let mut shed = 0;
         for call in calls {
-            if let Err(AppError::ResourceExhausted(_)) = call.await.unwrap() {
+            if let Err(AppError::Refused {
+                reason: Reason::ServerOverloaded,
+                ..
+            }) = call.await.unwrap()
+            {
                 shed += 1;
             }
         }

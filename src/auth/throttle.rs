@@ -19,9 +19,17 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     config::Config,
     domain::{Clock, Timestamp},
-    error::AppError,
-    storage::{Database, ThrottleLimits},
+    error::{AppError, Reason},
+    storage::{Database, Reservation, ThrottleLimits},
 };
+
+const THROTTLED: &str = "too many failed attempts; try again later";
+
+/// The refusal of a throttled attempt, with the time left until `until`.
+fn throttled(reason: Reason, until: i64, now: i64) -> AppError {
+    let left = u64::try_from(until.saturating_sub(now)).unwrap_or(0);
+    AppError::throttled(reason, THROTTLED, Duration::from_micros(left))
+}
 
 pub const ACCOUNT_DELAY_STEP: Duration = Duration::from_secs(15);
 pub const ACCOUNT_DELAY_MAX: Duration = Duration::from_secs(15 * 60);
@@ -56,18 +64,30 @@ impl Throttle {
         }
     }
 
-    /// Counts an attempt (as a failure until `succeeded`); false when the
-    /// account or the address is throttled.
+    /// Counts an attempt (as a failure until `succeeded`); the inner error
+    /// is the refusal when the account or the address is throttled.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn reserve(
         &self,
         account_key: Option<&str>,
         address: Option<&str>,
-    ) -> Result<bool, AppError> {
-        Ok(self
-            .db
-            .reserve_attempt(account_key, address, self.limits, self.clock.now().micros())
-            .await?)
+    ) -> Result<Result<(), AppError>, AppError> {
+        let now = self.clock.now().micros();
+        Ok(
+            match self
+                .db
+                .reserve_attempt(account_key, address, self.limits, now)
+                .await?
+            {
+                Reservation::Reserved => Ok(()),
+                Reservation::AddressThrottled { until } => {
+                    Err(throttled(Reason::AddressThrottled, until, now))
+                }
+                Reservation::AccountThrottled { until } => {
+                    Err(throttled(Reason::AccountThrottled, until, now))
+                }
+            },
+        )
     }
 
     pub async fn succeeded(
@@ -106,11 +126,15 @@ impl Throttle {
         }
     }
 
+    /// The refusal, if the address is throttled (Register checks it first).
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn address_throttled(&self, address: &str) -> Result<bool, AppError> {
-        Ok(self
-            .db
-            .address_throttled(address, self.limits, self.clock.now().micros())
-            .await?)
+    pub async fn check_address(&self, address: &str) -> Result<Result<(), AppError>, AppError> {
+        let now = self.clock.now().micros();
+        Ok(
+            match self.db.address_throttled(address, self.limits, now).await? {
+                Some(until) => Err(throttled(Reason::AddressThrottled, until, now)),
+                None => Ok(()),
+            },
+        )
     }
 }

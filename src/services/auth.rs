@@ -9,16 +9,17 @@ use super::{AppState, client_address, convert::user_to_proto};
 use crate::{
     auth::{RefreshToken, accounts::create_account, tokens::AccessToken},
     domain::{self, Bio, Email, FullName, NewAccount, NewPassword, Timestamp, Violations},
-    error::AppError,
+    error::{AppError, Reason},
     proto::{self, auth_service_server::AuthService},
-    storage::{NewSession, ProfileChanges, RefreshOutcome},
+    storage::{EndReason, NewSession, ProfileChanges, RefreshOutcome},
 };
 
 /// The one answer for every failed login, so that it reveals nothing.
 const LOGIN_FAILED: &str = "invalid username or password";
-const THROTTLED: &str = "too many failed attempts; try again later";
 const REFRESH_FAILED: &str = "invalid, expired or revoked refresh token";
 const TOKEN_TYPE: &str = "bearer";
+/// ValidateTokens takes at most this many tokens a call.
+const MAX_BATCH_TOKENS: usize = 100;
 /// Longest `device_info` kept; a longer `user-agent` is cut to it.
 const MAX_DEVICE_INFO_CHARS: usize = 255;
 
@@ -87,12 +88,12 @@ impl AuthApi {
         };
         let address = ip_address.map(|ip| ip.to_string());
         let throttle = &self.state.throttle;
-        if !throttle
+        if let Err(refused) = throttle
             .reserve(Some(&account_key), address.as_deref())
             .await?
         {
             tracing::info!(target: "audit", peer = ?ip_address, "login throttled");
-            return Err(AppError::ResourceExhausted(THROTTLED));
+            return Err(refused);
         }
         let hasher = &self.state.hasher;
         let password_matches = match &user {
@@ -109,14 +110,17 @@ impl AuthApi {
         let user_id = user.as_ref().map(|user| user.id);
         let Some(user) = user.filter(|_| password_matches) else {
             tracing::info!(target: "audit", user_id = ?user_id, peer = ?ip_address, "login failed");
-            return Err(AppError::Unauthenticated(LOGIN_FAILED));
+            return Err(AppError::refused(Reason::LoginFailed, LOGIN_FAILED));
         };
         throttle
             .succeeded(Some(&account_key), address.as_deref())
             .await?;
         if !user.is_active {
             tracing::info!(target: "audit", user_id = user.id, peer = ?ip_address, "login refused: account disabled");
-            return Err(AppError::PermissionDenied("this account is disabled"));
+            return Err(AppError::refused(
+                Reason::AccountDisabled,
+                "this account is disabled",
+            ));
         }
 
         let now = self.state.clock.now();
@@ -158,8 +162,10 @@ impl AuthApi {
         presented: &str,
         peer: Option<std::net::IpAddr>,
     ) -> Result<proto::RefreshTokenResponse, AppError> {
-        let presented_hash = RefreshToken::hash_presented(presented)
-            .ok_or(AppError::Unauthenticated(REFRESH_FAILED))?;
+        let presented_hash = RefreshToken::hash_presented(presented).ok_or(AppError::refused(
+            Reason::RefreshTokenInvalid,
+            REFRESH_FAILED,
+        ))?;
         let now = self.state.clock.now();
         let replacement = RefreshToken::generate();
         let outcome = self
@@ -189,9 +195,17 @@ impl AuthApi {
                     "spent refresh token presented again; session revoked"
                 );
                 self.state.events.user_changed(user_id).await;
-                return Err(AppError::Unauthenticated(REFRESH_FAILED));
+                return Err(AppError::refused(
+                    Reason::RefreshTokenReused,
+                    REFRESH_FAILED,
+                ));
             }
-            RefreshOutcome::Invalid => return Err(AppError::Unauthenticated(REFRESH_FAILED)),
+            RefreshOutcome::Invalid => {
+                return Err(AppError::refused(
+                    Reason::RefreshTokenInvalid,
+                    REFRESH_FAILED,
+                ));
+            }
         };
         let (access_token, access_expires_at) =
             self.access_token(user_id, session_id, now, session_expires_at)?;
@@ -261,17 +275,16 @@ impl AuthApi {
         // A wrong current password counts toward the account's throttle.
         let account_key = format!("user:{}", caller.user.id);
         let throttle = &self.state.throttle;
-        if !throttle.reserve(Some(&account_key), None).await? {
-            return Err(AppError::ResourceExhausted(THROTTLED));
-        }
+        throttle.reserve(Some(&account_key), None).await??;
         // The caller carries no hash: read it for this one check.
         let current_hash = self
             .state
             .db
             .find_user(caller.user.id)
             .await?
-            .ok_or(AppError::Unauthenticated(
-                "the session has ended; log in again",
+            .ok_or(AppError::refused(
+                Reason::SessionRevoked,
+                crate::auth::authenticator::SESSION_ENDED,
             ))?
             .password_hash;
         let hasher = &self.state.hasher;
@@ -304,7 +317,13 @@ impl AuthApi {
         Ok(())
     }
 
-    async fn validate(&self, token: &str) -> Result<proto::ValidateTokenResponse, AppError> {
+    /// ValidateToken's answer for one token; `required_roles` fills
+    /// `missing_roles`.
+    async fn validate(
+        &self,
+        token: &str,
+        required_roles: &[String],
+    ) -> Result<proto::ValidateTokenResponse, AppError> {
         let inactive = proto::ValidateTokenResponse::default();
         let now = self.state.clock.now();
         let Ok(AccessToken {
@@ -324,6 +343,15 @@ impl AuthApi {
             return Ok(inactive);
         };
         let user = cached.live.user;
+        let missing_roles = required_roles
+            .iter()
+            .filter(|role| !cached.roles.contains(role))
+            .cloned()
+            .collect();
+        // The answer may be reused until the token expires or the revocation
+        // bound passes, whichever comes first.
+        let exp = Timestamp::from_micros(expires_at.saturating_mul(1_000_000));
+        let cache_until = now.plus(self.state.config.validation_cache_ttl).min(exp);
         Ok(proto::ValidateTokenResponse {
             active: true,
             user_id,
@@ -335,6 +363,8 @@ impl AuthApi {
                 seconds: expires_at,
                 nanos: 0,
             }),
+            missing_roles,
+            cache_until: Some(cache_until.to_proto()),
         })
     }
 }
@@ -357,9 +387,9 @@ impl AuthService for AuthApi {
         let throttle = &self.state.throttle;
         // A throttled address learns nothing, not even whether a name is taken.
         if let Some(address) = &address
-            && throttle.address_throttled(address).await?
+            && let Err(refused) = throttle.check_address(address).await?
         {
-            return Err(AppError::ResourceExhausted(THROTTLED).into());
+            return Err(refused.into());
         }
         let body = request.into_inner();
         let account = NewAccount::parse(
@@ -379,8 +409,9 @@ impl AuthService for AuthApi {
         {
             Ok(user) => user,
             Err(taken @ AppError::AlreadyExists(_)) => {
-                // Probing for taken names counts as a failure of the address.
-                throttle.reserve(None, address.as_deref()).await?;
+                // Probing for taken names counts as a failure of the address
+                // (already throttled or not, the answer is ALREADY_EXISTS).
+                let _counted = throttle.reserve(None, address.as_deref()).await?;
                 return Err(taken.into());
             }
             Err(other) => return Err(other.into()),
@@ -418,6 +449,7 @@ impl AuthService for AuthApi {
             .revoke_session(
                 caller.session_id,
                 caller.user.id,
+                EndReason::Logout,
                 self.state.clock.now().micros(),
             )
             .await?;
@@ -440,7 +472,11 @@ impl AuthService for AuthApi {
         let revoked = self
             .state
             .db
-            .revoke_user_sessions(caller.user.id, self.state.clock.now().micros())
+            .revoke_user_sessions(
+                caller.user.id,
+                EndReason::LogoutAll,
+                self.state.clock.now().micros(),
+            )
             .await?;
         tracing::info!(
             target: "audit",
@@ -484,8 +520,52 @@ impl AuthService for AuthApi {
         &self,
         request: Request<proto::ValidateTokenRequest>,
     ) -> Result<Response<proto::ValidateTokenResponse>, Status> {
+        let request = request.get_ref();
         Ok(Response::new(
-            self.validate(&request.get_ref().token).await?,
+            self.validate(&request.token, &request.required_roles)
+                .await?,
         ))
+    }
+
+    async fn validate_tokens(
+        &self,
+        request: Request<proto::ValidateTokensRequest>,
+    ) -> Result<Response<proto::ValidateTokensResponse>, Status> {
+        let request = request.into_inner();
+        if request.tokens.len() > MAX_BATCH_TOKENS {
+            return Err(AppError::invalid(
+                "tokens",
+                format!("at most {MAX_BATCH_TOKENS} tokens a call"),
+            )
+            .into());
+        }
+        let checks = request
+            .tokens
+            .iter()
+            .map(|token| self.validate(token, &request.required_roles));
+        let results = futures::future::try_join_all(checks).await?;
+        Ok(Response::new(proto::ValidateTokensResponse { results }))
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<proto::GetJwksRequest>,
+    ) -> Result<Response<proto::GetJwksResponse>, Status> {
+        let mut response = Response::new(proto::GetJwksResponse {
+            keys: self.state.tokens.public_keys(),
+        });
+        // Through REST this becomes the key set's `cache-control` header.
+        response.metadata_mut().insert(
+            "cache-control",
+            tonic::metadata::MetadataValue::from_static("max-age=300"),
+        );
+        Ok(response)
+    }
+
+    async fn watch_revocations(
+        &self,
+        request: Request<proto::WatchRevocationsRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<proto::WatchRevocationsResponse>>, Status> {
+        super::revocations::watch(Arc::clone(&self.state), request).await
     }
 }

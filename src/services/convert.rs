@@ -3,7 +3,7 @@
 use crate::{
     domain::Timestamp,
     proto,
-    storage::{MessageRecord, RoleRecord, SessionRecord, UserProfile},
+    storage::{EndReason, MessageRecord, RoleRecord, SessionRecord, UserProfile},
 };
 
 fn timestamp(micros: i64) -> Option<prost_types::Timestamp> {
@@ -34,7 +34,34 @@ pub fn role_to_proto(role: RoleRecord) -> proto::Role {
     }
 }
 
-pub fn session_to_proto(session: SessionRecord, current_session_id: i64) -> proto::Session {
+/// The API's form of a stored end reason.
+pub fn end_reason_to_proto(reason: i32) -> proto::SessionEndReason {
+    proto::SessionEndReason::try_from(reason).unwrap_or(proto::SessionEndReason::Unspecified)
+}
+
+/// A session as its owner sees it at `now`: a live one has no end; a
+/// revoked one ended then, for its reason; one that ran out ended at its
+/// expiry (`EXPIRED`).
+pub fn session_to_proto(
+    session: SessionRecord,
+    current_session_id: i64,
+    now: Timestamp,
+) -> proto::Session {
+    let (ended_at, end_reason) = if !session.is_active {
+        (
+            session.revoked_at,
+            session
+                .end_reason
+                .map_or(proto::SessionEndReason::Unspecified, end_reason_to_proto),
+        )
+    } else if session.expires_at <= now.micros() {
+        (
+            Some(session.expires_at),
+            end_reason_to_proto(EndReason::Expired as i32),
+        )
+    } else {
+        (None, proto::SessionEndReason::Unspecified)
+    };
     proto::Session {
         id: session.id,
         device_info: session.device_info,
@@ -44,6 +71,8 @@ pub fn session_to_proto(session: SessionRecord, current_session_id: i64) -> prot
         expires_at: timestamp(session.expires_at),
         last_used_at: timestamp(session.last_used_at),
         current: session.id == current_session_id,
+        ended_at: ended_at.and_then(timestamp),
+        end_reason: end_reason as i32,
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
         },
         paging::{PageScope, page_size},
     },
-    error::AppError,
+    error::{AppError, Reason, refusal},
     events::{HubEvent, MessageChange},
     proto::{self, message_service_server::MessageService, stream_messages_response::Event},
     storage::{Before, MessageFilter, MessageRecord, NewMessage},
@@ -93,7 +93,10 @@ impl MessageApi {
             .await?
             .ok_or_else(|| AppError::NotFound("recipient not found".into()))?;
         if !recipient.is_active {
-            return Err(AppError::FailedPrecondition(RECIPIENT_DISABLED.into()));
+            return Err(AppError::refused(
+                Reason::RecipientDisabled,
+                RECIPIENT_DISABLED,
+            ));
         }
         Ok(())
     }
@@ -285,7 +288,8 @@ impl MessageApi {
             .visible_message(&caller, request.get_ref().message_id)
             .await?;
         if message.sender_id != caller.user.id {
-            return Err(AppError::PermissionDenied(
+            return Err(AppError::refused(
+                Reason::NotMessageSender,
                 "only the sender may delete a message",
             ));
         }
@@ -316,7 +320,13 @@ impl MessageApi {
         if feed.ended {
             return None;
         }
-        let session_ended = || Status::unauthenticated("the session has ended; log in again");
+        let session_ended = || {
+            refusal(
+                Reason::SessionRevoked,
+                crate::auth::authenticator::SESSION_ENDED,
+                None,
+            )
+        };
         let state = &feed.state;
         let (session_id, user_id) = (feed.session_id, feed.user_id);
         let ending = loop {
@@ -341,10 +351,14 @@ impl MessageApi {
                         }
                     },
                     Err(RecvError::Lagged(missed)) => {
-                        break Some(Status::resource_exhausted(format!(
-                            "the stream fell {missed} events behind and was closed; \
-                             list messages to catch up, then subscribe again"
-                        )));
+                        break Some(refusal(
+                            Reason::StreamLagged,
+                            format!(
+                                "the stream fell {missed} events behind and was closed; \
+                                 list messages to catch up, then subscribe again"
+                            ),
+                            None,
+                        ));
                     }
                     Err(RecvError::Closed) => break None,
                 },

@@ -16,6 +16,8 @@ use http::{HeaderMap, HeaderValue};
 use tonic::Code;
 use tower::{Layer, Service};
 
+use crate::error::{OVERLOAD_RETRY, Reason, refusal};
+
 /// The service that was polled ready serves the call; a fresh clone stays
 /// behind for the next one (the tower idiom for services moved into futures).
 pub(super) fn take_ready<S: Clone>(inner: &mut S) -> S {
@@ -104,26 +106,28 @@ fn correct_status(headers: &mut HeaderMap) -> Code {
         .unwrap_or_default();
     let corrected = match code {
         // `grpc-message` is percent-encoded, so match single words.
-        Code::OutOfRange if message.contains("large") => Some((
-            Code::ResourceExhausted,
+        Code::OutOfRange if message.contains("large") => Some(refusal(
+            Reason::RequestTooLarge,
             "request message is larger than the server accepts",
+            None,
         )),
-        Code::Internal if message.contains("Missing") => {
-            Some((Code::InvalidArgument, "the call carries no request message"))
-        }
-        Code::Internal if CODEC_WORDS.iter().any(|word| message.contains(word)) => Some((
-            Code::InvalidArgument,
-            "request message could not be decoded",
+        Code::Internal if message.contains("Missing") => Some(tonic::Status::invalid_argument(
+            "the call carries no request message",
         )),
+        Code::Internal if CODEC_WORDS.iter().any(|word| message.contains(word)) => Some(
+            tonic::Status::invalid_argument("request message could not be decoded"),
+        ),
         _ => None,
     };
-    let Some((code, text)) = corrected else {
+    let Some(status) = corrected else {
         return code;
     };
-    headers.insert("grpc-status", HeaderValue::from(code as i32));
-    headers.insert("grpc-message", HeaderValue::from_static(text));
-    headers.remove("grpc-status-details-bin");
-    code
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(name);
+    }
+    // The texts are fixed and ASCII, so the headers always encode.
+    let _ = status.add_header(headers);
+    status.code()
 }
 
 #[cfg(test)]
@@ -339,10 +343,14 @@ impl AdmissionLayer {
         request: &http::Request<B>,
     ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, tonic::Status> {
         if header_list_size(request) > self.max_header_list_bytes {
-            return Err(tonic::Status::resource_exhausted(format!(
-                "request metadata is larger than {} bytes",
-                self.max_header_list_bytes
-            )));
+            return Err(refusal(
+                Reason::RequestTooLarge,
+                format!(
+                    "request metadata is larger than {} bytes",
+                    self.max_header_list_bytes
+                ),
+                None,
+            ));
         }
         let path = request.uri().path();
         if !is_health_or_reflection(path) && !self.readiness.database_reachable() {
@@ -357,7 +365,11 @@ impl AdmissionLayer {
             .try_acquire_owned()
             .map(Some)
             .map_err(|_| {
-                tonic::Status::resource_exhausted("the server is at capacity; retry shortly")
+                refusal(
+                    Reason::ServerOverloaded,
+                    "the server is at capacity; retry shortly",
+                    Some(OVERLOAD_RETRY),
+                )
             })
     }
 

@@ -9,6 +9,7 @@ pub mod http;
 pub mod message;
 pub mod middleware;
 pub mod reflection;
+pub mod revocations;
 pub mod session;
 pub mod user_admin;
 
@@ -34,11 +35,13 @@ use crate::{
 
 /// The RPCs callable without a bearer token (every other one refuses a call
 /// without one), as full method names.
-const WITHOUT_BEARER: [&str; 4] = [
+const WITHOUT_BEARER: [&str; 6] = [
     "aimessage.v1.AuthService.Register",
     "aimessage.v1.AuthService.Login",
     "aimessage.v1.AuthService.RefreshToken",
     "aimessage.v1.AuthService.ValidateToken",
+    "aimessage.v1.AuthService.ValidateTokens",
+    "aimessage.v1.AuthService.GetJwks",
 ];
 
 /// Whether the RPC `full_name` (`aimessage.v1.AuthService.GetMe`) needs a

@@ -8,7 +8,11 @@ use super::{AppState, convert::session_to_proto};
 use crate::{
     error::AppError,
     proto::{self, session_service_server::SessionService},
+    storage::EndReason,
 };
+
+/// `include_ended` lists the sessions that ended within this (30 days).
+const ENDED_SESSIONS_KEPT_MICROS: i64 = 30 * 24 * 3600 * 1_000_000;
 
 pub struct SessionApi {
     state: Arc<AppState>,
@@ -27,15 +31,25 @@ impl SessionService for SessionApi {
         request: Request<proto::ListSessionsRequest>,
     ) -> Result<Response<proto::ListSessionsResponse>, Status> {
         let caller = self.state.authenticate(&request).await?;
-        let sessions = self
+        let now = self.state.clock.now();
+        let mut sessions = self
             .state
             .db
-            .list_live_sessions(caller.user.id, self.state.clock.now().micros())
+            .list_live_sessions(caller.user.id, now.micros())
             .await?;
+        if request.get_ref().include_ended {
+            let since = now.micros().saturating_sub(ENDED_SESSIONS_KEPT_MICROS);
+            sessions.extend(
+                self.state
+                    .db
+                    .list_ended_sessions(caller.user.id, since, now.micros())
+                    .await?,
+            );
+        }
         Ok(Response::new(proto::ListSessionsResponse {
             sessions: sessions
                 .into_iter()
-                .map(|session| session_to_proto(session, caller.session_id))
+                .map(|session| session_to_proto(session, caller.session_id, now))
                 .collect(),
         }))
     }
@@ -50,7 +64,12 @@ impl SessionService for SessionApi {
         let revoked = self
             .state
             .db
-            .revoke_session(session_id, caller.user.id, self.state.clock.now().micros())
+            .revoke_session(
+                session_id,
+                caller.user.id,
+                EndReason::SessionDeleted,
+                self.state.clock.now().micros(),
+            )
             .await?;
         if !revoked {
             return Err(AppError::NotFound("session not found".into()).into());

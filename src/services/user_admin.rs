@@ -17,7 +17,7 @@ use crate::{
         account::{RoleName, parse_role_description},
         paging::{PageScope, page_size},
     },
-    error::AppError,
+    error::{AppError, Reason},
     proto::{self, user_admin_service_server::UserAdminService},
     storage::UserRecord,
 };
@@ -37,9 +37,10 @@ impl UserAdminApi {
     /// A superuser may not lock themselves out (disable, delete or demote).
     fn refuse_self(caller: &Caller, user_id: i64, action: &str) -> Result<(), AppError> {
         if caller.user.id == user_id {
-            return Err(AppError::FailedPrecondition(format!(
-                "a superuser cannot {action} their own account"
-            )));
+            return Err(AppError::refused(
+                Reason::CannotModifySelf,
+                format!("a superuser cannot {action} their own account"),
+            ));
         }
         Ok(())
     }
@@ -169,7 +170,10 @@ impl UserAdminService for UserAdminApi {
         let caller = self.state.authenticate_superuser(&request).await?;
         let user_id = request.get_ref().user_id;
         Self::refuse_self(&caller, user_id, "delete")?;
-        self.state.db.delete_user(user_id).await?;
+        self.state
+            .db
+            .delete_user(user_id, self.state.clock.now().micros())
+            .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user deleted");
         self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::DeleteUserResponse {}))

@@ -156,6 +156,37 @@ pub struct SessionRecord {
     pub created_at: i64,
     pub expires_at: i64,
     pub last_used_at: i64,
+    /// When it was revoked (never for a session that simply expired).
+    pub revoked_at: Option<i64>,
+    /// Why it was revoked: an [`EndReason`] number.
+    pub end_reason: Option<i32>,
+}
+
+/// Why a session ended; the numbers are the stored ones (and the API's
+/// `SessionEndReason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum EndReason {
+    Logout = 1,
+    LogoutAll = 2,
+    SessionDeleted = 3,
+    PasswordChanged = 4,
+    UserDisabled = 5,
+    UserDeleted = 6,
+    RefreshTokenReused = 7,
+    Expired = 8,
+}
+
+/// One row of the revocation log: a session that ended early.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RevocationRecord {
+    /// Grows in commit order; the feed's cursor.
+    pub id: i64,
+    pub session_id: i64,
+    pub user_id: i64,
+    /// An [`EndReason`] number.
+    pub reason: i32,
+    pub revoked_at: i64,
 }
 
 pub struct NewSession {
@@ -233,8 +264,9 @@ pub trait UserRepository: Send + Sync {
     ) -> Result<Vec<(i64, String)>>;
 
     /// Deletes the user with their sessions, refresh tokens, role links and
-    /// messages (sent and received), in one transaction. `NotFound("user")`.
-    async fn delete_user(&self, user_id: i64) -> Result<()>;
+    /// messages (sent and received), in one transaction, its live sessions
+    /// logged in the revocation feed first. `NotFound("user")`.
+    async fn delete_user(&self, user_id: i64, now: i64) -> Result<()>;
 
     /// Sets `is_superuser` (idempotent). `NotFound("user")` for a missing user.
     async fn set_superuser(&self, user_id: i64, is_superuser: bool, now: i64)
@@ -315,11 +347,39 @@ pub trait SessionRepository: Send + Sync {
         now: i64,
     ) -> Result<RefreshOutcome>;
 
-    /// Revokes one session of the user; false when it was not live.
-    async fn revoke_session(&self, session_id: i64, user_id: i64, now: i64) -> Result<bool>;
+    /// Revokes one session of the user for `reason`, logging it in the
+    /// revocation feed in the same transaction; false when it was not live.
+    async fn revoke_session(
+        &self,
+        session_id: i64,
+        user_id: i64,
+        reason: EndReason,
+        now: i64,
+    ) -> Result<bool>;
 
-    /// Revokes every live session of the user; returns how many.
-    async fn revoke_user_sessions(&self, user_id: i64, now: i64) -> Result<u64>;
+    /// Revokes every live session of the user (each logged); returns how many.
+    async fn revoke_user_sessions(&self, user_id: i64, reason: EndReason, now: i64) -> Result<u64>;
+
+    /// The user's sessions that ended (revoked, or expired) at or after
+    /// `since`, newest first.
+    async fn list_ended_sessions(
+        &self,
+        user_id: i64,
+        since: i64,
+        now: i64,
+    ) -> Result<Vec<SessionRecord>>;
+
+    /// Revocation log rows after `after_id`, oldest first, at most `limit`.
+    async fn revocations_after(&self, after_id: i64, limit: i64) -> Result<Vec<RevocationRecord>>;
+
+    /// Whether the log still holds the row `id` (a resumable cursor).
+    async fn revocation_exists(&self, id: i64) -> Result<bool>;
+
+    /// The newest row's id, 0 for an empty log.
+    async fn latest_revocation_id(&self) -> Result<i64>;
+
+    /// Deletes the rows revoked before `before`; returns how many.
+    async fn sweep_revocations(&self, before: i64) -> Result<u64>;
 
     /// The user's active, unexpired sessions, newest first.
     async fn list_live_sessions(&self, user_id: i64, now: i64) -> Result<Vec<SessionRecord>>;
@@ -462,15 +522,15 @@ pub struct ThrottleLimits {
 #[async_trait]
 pub trait ThrottleRepository: Send + Sync {
     /// Reserves one attempt for the address and then for the account (either
-    /// may be `None`), in one transaction. False when either is throttled
-    /// (then the account's count is untouched).
+    /// may be `None`), in one transaction. When either is throttled nothing
+    /// is counted, and the answer says which and until when.
     async fn reserve_attempt(
         &self,
         account_key: Option<&str>,
         address: Option<&str>,
         limits: ThrottleLimits,
         now: i64,
-    ) -> Result<bool>;
+    ) -> Result<Reservation>;
 
     /// Takes back a reserved attempt that succeeded: the account's count
     /// resets, the address's count drops by one.
@@ -490,13 +550,22 @@ pub trait ThrottleRepository: Send + Sync {
         address_window: i64,
     ) -> Result<u64>;
 
-    /// True while the address is throttled (checked before Register).
+    /// Until when the address is throttled, if it is (checked before Register).
     async fn address_throttled(
         &self,
         address: &str,
         limits: ThrottleLimits,
         now: i64,
-    ) -> Result<bool>;
+    ) -> Result<Option<i64>>;
+}
+
+/// The outcome of [`ThrottleRepository::reserve_attempt`]; times in
+/// microseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    Reserved,
+    AddressThrottled { until: i64 },
+    AccountThrottled { until: i64 },
 }
 
 /// Carries stream events between server instances sharing one database.

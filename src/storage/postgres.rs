@@ -48,7 +48,21 @@ impl PostgresStore {
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin().await
     }
+
+    /// Revoking transactions take turns (until their commit) before they add
+    /// to the revocation log, so its ids grow in commit order and a feed
+    /// reading `id > cursor` never skips a row committed late.
+    async fn lock_revocation_log(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(REVOCATION_LOG_LOCK) // $1
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
 }
+
+/// The advisory lock key of the revocation log ("revoc" in ASCII).
+const REVOCATION_LOG_LOCK: i64 = 0x0072_6576_6f63;
 
 impl_repositories!(PostgresStore, Postgres);
 

@@ -195,6 +195,7 @@ async fn nul_characters_are_invalid_arguments(backend: Backend) {
         .clone()
         .validate_token(proto::ValidateTokenRequest {
             token: "a\0b".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -432,7 +433,10 @@ async fn forged_and_misused_tokens_are_unauthenticated(backend: Backend) {
         let validated = app
             .auth
             .clone()
-            .validate_token(proto::ValidateTokenRequest { token })
+            .validate_token(proto::ValidateTokenRequest {
+                token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -781,6 +785,7 @@ async fn validate_token_reports_live_tokens_and_only_active_false_otherwise(back
     let live = auth
         .validate_token(proto::ValidateTokenRequest {
             token: cleo.access_token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -807,6 +812,7 @@ async fn validate_token_reports_live_tokens_and_only_active_false_otherwise(back
         let revoked = auth
             .validate_token(proto::ValidateTokenRequest {
                 token: token.into(),
+                ..Default::default()
             })
             .await
             .unwrap()

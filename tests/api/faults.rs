@@ -33,6 +33,7 @@ async fn is_active(app: &TestApp, token: &str) -> bool {
         .clone()
         .validate_token(proto::ValidateTokenRequest {
             token: token.to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -172,7 +172,11 @@ fn arbitrary_well_formed_requests_never_answer_internal_or_unknown() {
         )),
         text().prop_map(|token| (
             "/aimessage.v1.AuthService/ValidateToken",
-            proto::ValidateTokenRequest { token }.encode_to_vec()
+            proto::ValidateTokenRequest {
+                token,
+                ..Default::default()
+            }
+            .encode_to_vec()
         )),
         (
             proptest::option::of(text()),

@@ -202,14 +202,14 @@ async fn bearer_services_refuse_missing_and_forged_tokens(backend: Backend) {
     assert_code(
         app.sessions
             .clone()
-            .list_sessions(proto::ListSessionsRequest {})
+            .list_sessions(proto::ListSessionsRequest::default())
             .await,
         Code::Unauthenticated,
     );
     assert_code(
         app.sessions
             .clone()
-            .list_sessions(with_bearer(proto::ListSessionsRequest {}, "forged"))
+            .list_sessions(with_bearer(proto::ListSessionsRequest::default(), "forged"))
             .await,
         Code::Unauthenticated,
     );
@@ -300,6 +300,24 @@ const HTTP_RULES: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("AuthService", "ValidateToken", "post /auth/validate", true),
+    (
+        "AuthService",
+        "ValidateTokens",
+        "post /auth/validate:batch",
+        true,
+    ),
+    (
+        "AuthService",
+        "GetJwks",
+        "get /.well-known/jwks.json",
+        false,
+    ),
+    (
+        "AuthService",
+        "WatchRevocations",
+        "get /auth/revocations:watch",
+        false,
+    ),
     ("UserAdminService", "ListUsers", "get /auth/users", false),
     (
         "UserAdminService",

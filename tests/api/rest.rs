@@ -329,6 +329,24 @@ async fn every_route_of_the_openapi_document_answers_through_rest(backend: Backe
         Some(json!({"token": bob.access_token}))
     );
     assert_eq!(validated.body["active"], true);
+    let batch = ok!(
+        "POST",
+        "/auth/validate:batch".into(),
+        None,
+        Some(json!({"tokens": [bob.access_token, "junk"]}))
+    );
+    assert_eq!(batch.body["results"][1]["active"], false);
+    let keys = ok!("GET", "/.well-known/jwks.json".into(), None, None);
+    assert!(keys.body["keys"].is_array());
+    assert_eq!(keys.header("cache-control"), Some("max-age=300"));
+    let feed = rest
+        .request("GET", "/auth/revocations:watch", r)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+    drop(feed);
+    answered.push(("GET".into(), "/auth/revocations:watch".into()));
     // MessageService
     let sent = ok!(
         "POST",
@@ -433,7 +451,7 @@ async fn every_route_of_the_openapi_document_answers_through_rest(backend: Backe
         }
     }
     assert!(missing.is_empty(), "routes never called: {missing:?}");
-    assert!(answered.len() >= 30, "every RPC at least once");
+    assert!(answered.len() >= 33, "every RPC at least once");
     app.stop().await;
 }
 
@@ -618,7 +636,7 @@ async fn a_missing_or_bad_token_is_401_with_www_authenticate(backend: Backend) {
             checked += 1;
         }
     }
-    assert_eq!(checked, 30 - 4);
+    assert_eq!(checked, 33 - 6);
     app.stop().await;
 }
 
@@ -907,7 +925,7 @@ async fn session_of(app: &TestApp, token: &str) -> proto::Session {
     let sessions = app
         .sessions
         .clone()
-        .list_sessions(with_bearer(proto::ListSessionsRequest {}, token))
+        .list_sessions(with_bearer(proto::ListSessionsRequest::default(), token))
         .await
         .unwrap()
         .into_inner()

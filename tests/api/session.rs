@@ -21,7 +21,7 @@ backend_tests!(
 async fn list(app: &TestApp, token: &str) -> Vec<proto::Session> {
     app.sessions
         .clone()
-        .list_sessions(with_bearer(proto::ListSessionsRequest {}, token))
+        .list_sessions(with_bearer(proto::ListSessionsRequest::default(), token))
         .await
         .unwrap()
         .into_inner()

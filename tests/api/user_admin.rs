@@ -228,7 +228,7 @@ async fn call_grpc(app: &TestApp, rpc: &str, token: Option<&str>, fx: &Fixture) 
         ),
         "ListSessions" => code(
             sessions
-                .list_sessions(req(proto::ListSessionsRequest {}, token))
+                .list_sessions(req(proto::ListSessionsRequest::default(), token))
                 .await,
         ),
         "DeleteSession" => {
@@ -826,6 +826,7 @@ async fn promotion_and_demotion_apply_to_the_same_token_on_the_next_call(backend
         .clone()
         .validate_token(proto::ValidateTokenRequest {
             token: cleo.access_token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -942,6 +943,7 @@ async fn set_user_roles_replaces_the_whole_set_or_changes_nothing(backend: Backe
         .clone()
         .validate_token(proto::ValidateTokenRequest {
             token: dora.access_token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

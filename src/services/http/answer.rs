@@ -175,8 +175,27 @@ pub async fn unary(
         None => Err(Status::internal("the call answered no message")),
     });
     match rendered {
-        Ok(json) => json_response(StatusCode::OK, json),
+        Ok(json) => {
+            let mut answer = json_response(StatusCode::OK, json);
+            copy_metadata(&parts.headers, answer.headers_mut());
+            answer
+        }
         Err(status) => error_response(&status, pool),
+    }
+}
+
+/// The handler's own response metadata (`cache-control` of GetJwks, say)
+/// becomes headers of the REST answer; gRPC's framing headers do not.
+fn copy_metadata(from: &http::HeaderMap, to: &mut http::HeaderMap) {
+    for (name, value) in from {
+        let name_text = name.as_str();
+        if name_text.starts_with("grpc-")
+            || *name == header::CONTENT_TYPE
+            || *name == header::CONTENT_LENGTH
+        {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
     }
 }
 
@@ -253,6 +272,7 @@ pub fn stream(
     };
     let mut answer = http::Response::new(Body::new(events));
     let headers = answer.headers_mut();
+    copy_metadata(&parts.headers, headers);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),

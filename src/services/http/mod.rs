@@ -180,9 +180,11 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// The body of a REST call, at most `MAX_MESSAGE_BYTES` (else 413, code 8).
 async fn read_body(headers: &HeaderMap, mut body: Body) -> Result<Bytes, Status> {
     let too_large = || {
-        Status::resource_exhausted(format!(
-            "the request body is larger than {MAX_MESSAGE_BYTES} bytes"
-        ))
+        crate::error::refusal(
+            crate::error::Reason::RequestTooLarge,
+            format!("the request body is larger than {MAX_MESSAGE_BYTES} bytes"),
+            None,
+        )
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)

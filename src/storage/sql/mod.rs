@@ -21,6 +21,38 @@ mod throttle;
 #[macro_use]
 mod users;
 
+/// Ends the live sessions that `$cond` selects (it may use `$3`, `$4` bound
+/// to the trailing arguments) for `$reason`, inside the transaction `$tx`:
+/// each one gets its row in the revocation log, then `is_active` false,
+/// `revoked_at` and `end_reason`. Evaluates to how many ended.
+macro_rules! end_sessions {
+    ($store:expr, $tx:expr, $reason:expr, $now:expr, $cond:literal $(, $bind:expr)* $(,)?) => {{
+        $store.lock_revocation_log(&mut *$tx).await?;
+        sqlx::query(concat!(
+            "INSERT INTO revocations (session_id, user_id, reason, revoked_at) \
+             SELECT id, user_id, $1, $2 FROM sessions \
+             WHERE is_active AND expires_at > $2 AND ",
+            $cond
+        ))
+        .bind($reason as i32) // $1
+        .bind($now) // $2
+        $(.bind($bind))*
+        .execute(&mut *$tx)
+        .await?;
+        sqlx::query(concat!(
+            "UPDATE sessions SET is_active = FALSE, revoked_at = $2, end_reason = $1 \
+             WHERE is_active AND expires_at > $2 AND ",
+            $cond
+        ))
+        .bind($reason as i32) // $1
+        .bind($now) // $2
+        $(.bind($bind))*
+        .execute(&mut *$tx)
+        .await?
+        .rows_affected()
+    }};
+}
+
 macro_rules! impl_repositories {
     ($store:ty, $db:ty) => {
         impl_user_repository!($store, $db);

@@ -12,7 +12,8 @@ macro_rules! impl_session_repository {
             ) -> $crate::storage::Result<Vec<$crate::storage::SessionRecord>> {
                 Ok(sqlx::query_as(
                     "SELECT id, user_id, device_info, ip_address, is_active, created_at, expires_at, \
-                     last_used_at FROM sessions WHERE user_id = $1 AND is_active AND expires_at > $2 \
+                     last_used_at, revoked_at, end_reason FROM sessions \
+                     WHERE user_id = $1 AND is_active AND expires_at > $2 \
                      ORDER BY created_at DESC, id DESC",
                 )
                 .bind(user_id) // $1
@@ -30,7 +31,7 @@ macro_rules! impl_session_repository {
                     "INSERT INTO sessions (user_id, device_info, ip_address, is_active, created_at, \
                      expires_at, last_used_at) VALUES ($1, $2, $3, TRUE, $4, $5, $4) \
                      RETURNING id, user_id, device_info, ip_address, is_active, created_at, \
-                     expires_at, last_used_at",
+                     expires_at, last_used_at, revoked_at, end_reason",
                 )
                 .bind(session.user_id) // $1
                 .bind(&session.device_info) // $2
@@ -124,14 +125,14 @@ macro_rules! impl_session_repository {
                     let Some((session_id, user_id)) = previous else {
                         return Ok(RefreshOutcome::Invalid);
                     };
-                    sqlx::query(
-                        "UPDATE sessions SET is_active = FALSE, revoked_at = $2 \
-                         WHERE id = $1 AND is_active",
-                    )
-                    .bind(session_id) // $1
-                    .bind(now) // $2
-                    .execute(&mut *tx)
-                    .await?;
+                    end_sessions!(
+                        self,
+                        tx,
+                        $crate::storage::EndReason::RefreshTokenReused,
+                        now,
+                        "id = $3",
+                        session_id,
+                    );
                     tx.commit().await?;
                     return Ok(RefreshOutcome::Reused { session_id, user_id });
                 };
@@ -175,30 +176,92 @@ macro_rules! impl_session_repository {
                 &self,
                 session_id: i64,
                 user_id: i64,
+                reason: $crate::storage::EndReason,
                 now: i64,
             ) -> $crate::storage::Result<bool> {
-                let revoked = sqlx::query(
-                    "UPDATE sessions SET is_active = FALSE, revoked_at = $3 \
-                     WHERE id = $1 AND user_id = $2 AND is_active",
-                )
-                .bind(session_id) // $1
-                .bind(user_id) // $2
-                .bind(now) // $3
-                .execute(self.writer())
-                .await?;
-                Ok(revoked.rows_affected() > 0)
+                let mut tx = self.begin_write().await?;
+                let ended = end_sessions!(
+                    self,
+                    tx,
+                    reason,
+                    now,
+                    "id = $3 AND user_id = $4",
+                    session_id,
+                    user_id,
+                );
+                tx.commit().await?;
+                Ok(ended > 0)
             }
 
-            async fn revoke_user_sessions(&self, user_id: i64, now: i64) -> $crate::storage::Result<u64> {
-                let revoked = sqlx::query(
-                    "UPDATE sessions SET is_active = FALSE, revoked_at = $2 \
-                     WHERE user_id = $1 AND is_active AND expires_at > $2",
+            async fn revoke_user_sessions(
+                &self,
+                user_id: i64,
+                reason: $crate::storage::EndReason,
+                now: i64,
+            ) -> $crate::storage::Result<u64> {
+                let mut tx = self.begin_write().await?;
+                let ended = end_sessions!(self, tx, reason, now, "user_id = $3", user_id);
+                tx.commit().await?;
+                Ok(ended)
+            }
+
+            async fn list_ended_sessions(
+                &self,
+                user_id: i64,
+                since: i64,
+                now: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::SessionRecord>> {
+                // Revoked since `since`, or run out (expired) since then.
+                Ok(sqlx::query_as(
+                    "SELECT id, user_id, device_info, ip_address, is_active, created_at, expires_at, \
+                     last_used_at, revoked_at, end_reason FROM sessions \
+                     WHERE user_id = $1 AND (NOT is_active OR expires_at <= $3) \
+                     AND (CASE WHEN is_active THEN expires_at ELSE revoked_at END) >= $2 \
+                     ORDER BY created_at DESC, id DESC",
                 )
                 .bind(user_id) // $1
-                .bind(now) // $2
-                .execute(self.writer())
-                .await?;
-                Ok(revoked.rows_affected())
+                .bind(since) // $2
+                .bind(now) // $3
+                .fetch_all(self.reader())
+                .await?)
+            }
+
+            async fn revocations_after(
+                &self,
+                after_id: i64,
+                limit: i64,
+            ) -> $crate::storage::Result<Vec<$crate::storage::RevocationRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT id, session_id, user_id, reason, revoked_at FROM revocations \
+                     WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .bind(after_id) // $1
+                .bind(limit) // $2
+                .fetch_all(self.reader())
+                .await?)
+            }
+
+            async fn revocation_exists(&self, id: i64) -> $crate::storage::Result<bool> {
+                let found: Option<i64> = sqlx::query_scalar("SELECT id FROM revocations WHERE id = $1")
+                    .bind(id) // $1
+                    .fetch_optional(self.reader())
+                    .await?;
+                Ok(found.is_some())
+            }
+
+            async fn latest_revocation_id(&self) -> $crate::storage::Result<i64> {
+                let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM revocations")
+                    .fetch_one(self.reader())
+                    .await?;
+                Ok(latest.unwrap_or(0))
+            }
+
+            async fn sweep_revocations(&self, before: i64) -> $crate::storage::Result<u64> {
+                Ok(sqlx::query("DELETE FROM revocations WHERE revoked_at < $1")
+                    .bind(before) // $1
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected())
             }
         }
     };

@@ -11,7 +11,8 @@ macro_rules! impl_throttle_repository {
                 address: Option<&str>,
                 limits: $crate::storage::ThrottleLimits,
                 now: i64,
-            ) -> $crate::storage::Result<bool> {
+            ) -> $crate::storage::Result<$crate::storage::Reservation> {
+                use $crate::storage::Reservation;
                 let mut tx = self.begin_write().await?;
                 if let Some(address) = address {
                     sqlx::query(
@@ -38,7 +39,15 @@ macro_rules! impl_throttle_repository {
                     .fetch_optional(&mut *tx)
                     .await?;
                     if reserved.is_none() {
-                        return Ok(false);
+                        let window_start: i64 = sqlx::query_scalar(
+                            "SELECT window_start FROM login_address_throttle WHERE address = $1",
+                        )
+                        .bind(address) // $1
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        return Ok(Reservation::AddressThrottled {
+                            until: window_start + limits.address_window,
+                        });
                     }
                 }
                 if let Some(account_key) = account_key {
@@ -66,12 +75,18 @@ macro_rules! impl_throttle_repository {
                     .fetch_optional(&mut *tx)
                     .await?;
                     if reserved.is_none() {
+                        let until: i64 = sqlx::query_scalar(
+                            "SELECT locked_until FROM login_account_throttle WHERE account_key = $1",
+                        )
+                        .bind(account_key) // $1
+                        .fetch_one(&mut *tx)
+                        .await?;
                         // Dropping the transaction also undoes the address count.
-                        return Ok(false);
+                        return Ok(Reservation::AccountThrottled { until });
                     }
                 }
                 tx.commit().await?;
-                Ok(true)
+                Ok(Reservation::Reserved)
             }
 
             async fn attempt_succeeded(
@@ -129,18 +144,18 @@ macro_rules! impl_throttle_repository {
                 address: &str,
                 limits: $crate::storage::ThrottleLimits,
                 now: i64,
-            ) -> $crate::storage::Result<bool> {
-                let throttled: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM login_address_throttle \
+            ) -> $crate::storage::Result<Option<i64>> {
+                let window_start: Option<i64> = sqlx::query_scalar(
+                    "SELECT window_start FROM login_address_throttle \
                      WHERE address = $1 AND window_start > $2 - $3 AND failures >= $4",
                 )
                 .bind(address) // $1
                 .bind(now) // $2
                 .bind(limits.address_window) // $3
                 .bind(limits.address_failures) // $4
-                .fetch_one(self.reader())
+                .fetch_optional(self.reader())
                 .await?;
-                Ok(throttled > 0)
+                Ok(window_start.map(|start| start + limits.address_window))
             }
         }
     };

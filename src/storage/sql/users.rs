@@ -119,15 +119,15 @@ macro_rules! impl_user_repository {
                 if changed.rows_affected() == 0 {
                     return Err($crate::storage::StorageError::NotFound("user"));
                 }
-                sqlx::query(
-                    "UPDATE sessions SET is_active = FALSE, revoked_at = $3 \
-                     WHERE user_id = $1 AND id <> $2 AND is_active",
-                )
-                .bind(user_id) // $1
-                .bind(keep_session_id) // $2
-                .bind(now) // $3
-                .execute(&mut *tx)
-                .await?;
+                end_sessions!(
+                    self,
+                    tx,
+                    $crate::storage::EndReason::PasswordChanged,
+                    now,
+                    "user_id = $3 AND id <> $4",
+                    user_id,
+                    keep_session_id,
+                );
                 tx.commit().await?;
                 Ok(())
             }
@@ -179,8 +179,17 @@ macro_rules! impl_user_repository {
                 .await?)
             }
 
-            async fn delete_user(&self, user_id: i64) -> $crate::storage::Result<()> {
+            async fn delete_user(&self, user_id: i64, now: i64) -> $crate::storage::Result<()> {
                 let mut tx = self.begin_write().await?;
+                // The feed hears of every live session before it goes.
+                end_sessions!(
+                    self,
+                    tx,
+                    $crate::storage::EndReason::UserDeleted,
+                    now,
+                    "user_id = $3",
+                    user_id,
+                );
                 // Children first, explicitly, so the outcome does not hang on
                 // cascade settings; messages go with their sender or recipient.
                 for statement in [
@@ -244,14 +253,14 @@ macro_rules! impl_user_repository {
                 .await?
                 .ok_or($crate::storage::StorageError::NotFound("user"))?;
                 if !active {
-                    sqlx::query(
-                        "UPDATE sessions SET is_active = FALSE, revoked_at = $2 \
-                         WHERE user_id = $1 AND is_active",
-                    )
-                    .bind(user_id) // $1
-                    .bind(now) // $2
-                    .execute(&mut *tx)
-                    .await?;
+                    end_sessions!(
+                        self,
+                        tx,
+                        $crate::storage::EndReason::UserDisabled,
+                        now,
+                        "user_id = $3",
+                        user_id,
+                    );
                 }
                 tx.commit().await?;
                 Ok(user)

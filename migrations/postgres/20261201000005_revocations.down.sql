@@ -1,0 +1,2 @@
+DROP TABLE revocations;
+ALTER TABLE sessions DROP COLUMN end_reason;
