@@ -182,21 +182,23 @@ impl Feed {
     }
 }
 
-/// Deletes log rows past retention every minute until `stop` turns true.
-pub async fn sweep_regularly(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+/// Deletes the log rows past retention at the server's "now".
+pub async fn sweep_once(state: &AppState) {
     let keep = retention(state.config.access_token_ttl);
+    let before = state.clock.now().micros() - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
+    match state.db.sweep_revocations(before).await {
+        Ok(0) => {}
+        Ok(swept) => tracing::debug!(swept, "revocation log rows past retention deleted"),
+        Err(error) => tracing::warn!(error = %error, "revocation log sweep failed; retrying later"),
+    }
+}
+
+/// Sweeps every minute until `stop` turns true.
+pub async fn sweep_regularly(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let before = state.clock.now().micros()
-                    - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
-                match state.db.sweep_revocations(before).await {
-                    Ok(0) => {}
-                    Ok(swept) => tracing::debug!(swept, "revocation log rows past retention deleted"),
-                    Err(error) => tracing::warn!(error = %error, "revocation log sweep failed; retrying later"),
-                }
-            }
+            _ = tick.tick() => sweep_once(&state).await,
             _ = stop.changed() => break,
         }
     }

@@ -11,6 +11,7 @@
 mod helpers;
 mod auth;
 mod cli;
+mod errors;
 mod faults;
 mod fuzz;
 mod grpc_web;
@@ -20,5 +21,6 @@ mod message;
 mod outage;
 mod platform;
 mod rest;
+mod revocations;
 mod session;
 mod user_admin;

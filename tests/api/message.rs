@@ -975,6 +975,11 @@ async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back
     };
     assert_eq!(ending.code(), Code::ResourceExhausted, "{ending:?}");
     assert!(ending.message().contains("behind"), "{}", ending.message());
+    crate::errors::assert_reason(
+        Err::<(), _>(ending),
+        Code::ResourceExhausted,
+        "STREAM_LAGGED",
+    );
     assert!(delivered < total);
     app.stop().await;
 }
