@@ -755,6 +755,35 @@ mod tests {
     }
 
     #[test]
+    fn key_files_are_paths_and_a_signing_key_replaces_the_postgres_secret() {
+        let c = config(&[
+            ("AI_MESSAGE_SIGNING_KEY_FILE", " /keys/now.pem "),
+            ("AI_MESSAGE_VERIFY_KEY_FILES", "/keys/a.pem, /keys/b.pem,"),
+            ("AI_MESSAGE_VALIDATION_CACHE_TTL", "2s"),
+        ])
+        .unwrap();
+        assert_eq!(c.signing_key_file, Some(PathBuf::from("/keys/now.pem")));
+        assert_eq!(
+            c.verify_key_files,
+            [PathBuf::from("/keys/a.pem"), PathBuf::from("/keys/b.pem")]
+        );
+        assert_eq!(c.validation_cache_ttl, Duration::from_secs(2));
+        let postgres = [("DATABASE_URL", "postgres://u@h/db")];
+        assert_eq!(
+            config(&postgres).unwrap_err().variable,
+            "AI_MESSAGE_SECRET_KEY"
+        );
+        assert!(
+            config(&[
+                postgres[0],
+                ("AI_MESSAGE_SIGNING_KEY_FILE", "/keys/now.pem")
+            ])
+            .is_ok(),
+            "EdDSA needs no HS256 secret"
+        );
+    }
+
+    #[test]
     fn cors_origins_are_none_a_list_or_any() {
         let origins =
             |text: &str| config(&[("AI_MESSAGE_CORS_ORIGINS", text)]).map(|c| c.cors_origins);

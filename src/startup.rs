@@ -59,6 +59,50 @@ pub async fn connect_database(target: &DatabaseTarget) -> anyhow::Result<Arc<dyn
     }
 }
 
+/// Reads a key file, naming `variable` if it cannot.
+fn read_key_file(variable: &str, path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("{variable}: cannot read {}", path.display()))
+}
+
+/// EdDSA from `AI_MESSAGE_SIGNING_KEY_FILE` (and the keys of
+/// `AI_MESSAGE_VERIFY_KEY_FILES`), else HS256 with the resolved secret.
+pub fn token_service(config: &Config) -> anyhow::Result<TokenService> {
+    let Some(signing_file) = &config.signing_key_file else {
+        if !config.verify_key_files.is_empty() {
+            tracing::warn!(
+                "AI_MESSAGE_VERIFY_KEY_FILES is ignored without AI_MESSAGE_SIGNING_KEY_FILE (HS256)"
+            );
+        }
+        let secret = resolve_secret_key(config)?;
+        return Ok(TokenService::new(
+            &secret,
+            &config.domain,
+            config.access_token_ttl,
+        ));
+    };
+    const SIGNING: &str = "AI_MESSAGE_SIGNING_KEY_FILE";
+    const VERIFY: &str = "AI_MESSAGE_VERIFY_KEY_FILES";
+    let signing = crate::auth::tokens::read_signing_key(&read_key_file(SIGNING, signing_file)?)
+        .with_context(|| format!("{SIGNING}: {}", signing_file.display()))?;
+    let mut accepted = Vec::new();
+    for path in &config.verify_key_files {
+        accepted.push(
+            crate::auth::tokens::read_verify_key(&read_key_file(VERIFY, path)?)
+                .with_context(|| format!("{VERIFY}: {}", path.display()))?,
+        );
+    }
+    let service =
+        TokenService::ed25519(&signing, &accepted, &config.domain, config.access_token_ttl)
+            .with_context(|| format!("{SIGNING}: {}", signing_file.display()))?;
+    tracing::info!(
+        kid = %crate::auth::tokens::thumbprint(&signing.verifying_key().to_bytes()),
+        also_accepted = accepted.len(),
+        "signing access tokens with EdDSA"
+    );
+    Ok(service)
+}
+
 /// The HS256 key: the configured one, else (SQLite) one generated once and
 /// kept in a 0600 file beside the database, else (in-memory) a random one.
 pub fn resolve_secret_key(config: &Config) -> anyhow::Result<Vec<u8>> {
@@ -132,12 +176,7 @@ impl Application {
         db.migrate()
             .await
             .context("DATABASE_URL: applying migrations failed")?;
-        let secret = resolve_secret_key(&config)?;
-        let tokens = Arc::new(TokenService::new(
-            &secret,
-            &config.domain,
-            config.access_token_ttl,
-        ));
+        let tokens = Arc::new(token_service(&config)?);
         let hasher = PasswordHasher::new(config.bcrypt_cost, config.max_pending_hashes);
         let listener = TcpListener::bind((config.host, config.port))
             .await

@@ -1,4 +1,7 @@
-//! Access tokens (HS256 JWTs, RFC 9068 `typ: at+jwt`) and opaque refresh tokens.
+//! Access tokens (RFC 9068 `typ: at+jwt` JWTs) and opaque refresh tokens.
+//! Access tokens are HS256, or EdDSA (Ed25519) with a `kid` when a signing
+//! key is configured: then only EdDSA is accepted, from the signing key or
+//! a listed verification key, so services can verify with public keys alone.
 //!
 //! Every check that needs no database happens here: algorithm pinned, signature,
 //! `typ`, `iss`, `aud`, and expiry without leeway (a token is dead from its
@@ -50,17 +53,128 @@ pub enum TokenError {
     Expired,
 }
 
+/// An Ed25519 public key that verifies tokens, with its RFC 7638 thumbprint.
+struct VerifyKey {
+    kid: String,
+    public: [u8; 32],
+    decoding: DecodingKey,
+}
+
+impl VerifyKey {
+    fn new(public: [u8; 32]) -> Self {
+        Self {
+            kid: thumbprint(&public),
+            decoding: DecodingKey::from_ed_der(&public),
+            public,
+        }
+    }
+}
+
+/// The RFC 7638 JWK thumbprint of an Ed25519 key: SHA-256 over the required
+/// members in lexicographic order, base64url without padding.
+pub fn thumbprint(public: &[u8; 32]) -> String {
+    let canonical = format!(
+        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+        URL_SAFE_NO_PAD.encode(public)
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+}
+
+/// How tokens are signed and which keys verify them.
+enum Keys {
+    Hs256 {
+        encoding: EncodingKey,
+        decoding: DecodingKey,
+    },
+    /// The signing key is `verify[0]`; the others are still accepted.
+    EdDsa {
+        encoding: EncodingKey,
+        verify: Vec<VerifyKey>,
+    },
+}
+
+/// A key file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(String);
+
+/// Reads a PEM Ed25519 private key (PKCS#8): the signing key.
+pub fn read_signing_key(pem: &str) -> Result<ed25519_dalek::SigningKey, KeyError> {
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+    ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
+        .map_err(|_| KeyError("not an Ed25519 private key in PKCS#8 PEM".into()))
+}
+
+/// Reads a PEM Ed25519 public key (SPKI) or private key: a verification key.
+pub fn read_verify_key(pem: &str) -> Result<[u8; 32], KeyError> {
+    use ed25519_dalek::pkcs8::DecodePublicKey as _;
+    if let Ok(signing) = read_signing_key(pem) {
+        return Ok(signing.verifying_key().to_bytes());
+    }
+    ed25519_dalek::VerifyingKey::from_public_key_pem(pem)
+        .map(|key| key.to_bytes())
+        .map_err(|_| KeyError("not an Ed25519 public or private key in PEM".into()))
+}
+
 pub struct TokenService {
-    encoding_key: EncodingKey,
-    decoding_key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     issuer: String,
     access_ttl_seconds: i64,
 }
 
 impl TokenService {
+    /// HS256 with a shared secret.
     pub fn new(secret: &[u8], issuer: &str, access_ttl: std::time::Duration) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
+        Self::with_keys(
+            Keys::Hs256 {
+                encoding: EncodingKey::from_secret(secret),
+                decoding: DecodingKey::from_secret(secret),
+            },
+            Algorithm::HS256,
+            issuer,
+            access_ttl,
+        )
+    }
+
+    /// EdDSA: tokens signed with `signing`, accepted from it and from every
+    /// key of `also_accepted`.
+    pub fn ed25519(
+        signing: &ed25519_dalek::SigningKey,
+        also_accepted: &[[u8; 32]],
+        issuer: &str,
+        access_ttl: std::time::Duration,
+    ) -> Result<Self, KeyError> {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        let der = signing
+            .to_pkcs8_der()
+            .map_err(|_| KeyError("the signing key does not encode".into()))?;
+        let mut verify = vec![VerifyKey::new(signing.verifying_key().to_bytes())];
+        for public in also_accepted {
+            let key = VerifyKey::new(*public);
+            if verify.iter().all(|known| known.kid != key.kid) {
+                verify.push(key);
+            }
+        }
+        Ok(Self::with_keys(
+            Keys::EdDsa {
+                encoding: EncodingKey::from_ed_der(der.as_bytes()),
+                verify,
+            },
+            Algorithm::EdDSA,
+            issuer,
+            access_ttl,
+        ))
+    }
+
+    fn with_keys(
+        keys: Keys,
+        algorithm: Algorithm,
+        issuer: &str,
+        access_ttl: std::time::Duration,
+    ) -> Self {
+        // One algorithm family at a time: the header's `alg` must be this one.
+        let mut validation = Validation::new(algorithm);
         // Expiry is checked by `verify_access` against the caller's `now`, with
         // no leeway; jsonwebtoken's own check would allow `exp == now`.
         validation.validate_exp = false;
@@ -69,8 +183,7 @@ impl TokenService {
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         Self {
-            encoding_key: EncodingKey::from_secret(secret),
-            decoding_key: DecodingKey::from_secret(secret),
+            keys,
             validation,
             issuer: issuer.to_owned(),
             access_ttl_seconds: i64::try_from(access_ttl.as_secs()).unwrap_or(i64::MAX),
@@ -90,7 +203,14 @@ impl TokenService {
         let expires_at = issued_at
             .saturating_add(self.access_ttl_seconds)
             .min(session_expires_at.seconds());
-        let mut header = Header::new(Algorithm::HS256);
+        let (mut header, encoding) = match &self.keys {
+            Keys::Hs256 { encoding, .. } => (Header::new(Algorithm::HS256), encoding),
+            Keys::EdDsa { encoding, verify } => {
+                let mut header = Header::new(Algorithm::EdDSA);
+                header.kid = verify.first().map(|key| key.kid.clone());
+                (header, encoding)
+            }
+        };
         header.typ = Some(ACCESS_TOKEN_TYPE.to_owned());
         let mut jti = [0u8; 16];
         rand::rng().fill_bytes(&mut jti);
@@ -104,20 +224,51 @@ impl TokenService {
             jti: URL_SAFE_NO_PAD.encode(jti),
             nbf: None,
         };
-        let token = jsonwebtoken::encode(&header, &claims, &self.encoding_key)?;
+        let token = jsonwebtoken::encode(&header, &claims, encoding)?;
         Ok((token, expires_at))
     }
 
-    /// The public keys that verify access tokens, as JWKs: none with HS256.
+    /// The public keys that verify access tokens, as JWKs (the signing key
+    /// first): none with HS256, whose key is never published.
     pub fn public_keys(&self) -> Vec<crate::proto::Jwk> {
-        Vec::new()
+        let Keys::EdDsa { verify, .. } = &self.keys else {
+            return Vec::new();
+        };
+        verify
+            .iter()
+            .map(|key| crate::proto::Jwk {
+                kty: "OKP".into(),
+                crv: "Ed25519".into(),
+                x: URL_SAFE_NO_PAD.encode(key.public),
+                kid: key.kid.clone(),
+                alg: "EdDSA".into(),
+                r#use: "sig".into(),
+            })
+            .collect()
+    }
+
+    /// The key for a token: HS256's one, or the EdDSA key its `kid` names
+    /// (a missing or unknown `kid` verifies nothing).
+    fn decoding_key(&self, token: &str) -> Result<&DecodingKey, TokenError> {
+        match &self.keys {
+            Keys::Hs256 { decoding, .. } => Ok(decoding),
+            Keys::EdDsa { verify, .. } => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+                let kid = header.kid.ok_or(TokenError::Invalid)?;
+                verify
+                    .iter()
+                    .find(|key| key.kid == kid)
+                    .map(|key| &key.decoding)
+                    .ok_or(TokenError::Invalid)
+            }
+        }
     }
 
     /// Checks everything about an access token that needs no database.
     pub fn verify_access(&self, token: &str, now: Timestamp) -> Result<AccessToken, TokenError> {
-        let data =
-            jsonwebtoken::decode::<AccessClaims>(token, &self.decoding_key, &self.validation)
-                .map_err(|_| TokenError::Invalid)?;
+        let key = self.decoding_key(token)?;
+        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
+            .map_err(|_| TokenError::Invalid)?;
         // No critical extension is understood, so a token naming any is refused
         // (RFC 7515 4.1.11).
         if data.header.typ.as_deref() != Some(ACCESS_TOKEN_TYPE) || data.header.crit.is_some() {
@@ -189,6 +340,139 @@ mod tests {
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_micros(seconds * 1_000_000)
+    }
+
+    fn ed25519(seed: u8, also: &[[u8; 32]]) -> TokenService {
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        TokenService::ed25519(&signing, also, "localhost", Duration::from_secs(1800)).unwrap()
+    }
+
+    fn public(seed: u8) -> [u8; 32] {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+            .verifying_key()
+            .to_bytes()
+    }
+
+    #[test]
+    fn the_thumbprint_is_rfc_8037s_example() {
+        let x: [u8; 32] = URL_SAFE_NO_PAD
+            .decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(
+            thumbprint(&x),
+            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+        );
+    }
+
+    #[test]
+    fn eddsa_tokens_name_their_key_and_verify_with_it_only() {
+        let service = ed25519(1, &[]);
+        let (token, _) = service.issue_access(7, 42, at(1000), at(100_000)).unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.alg, Algorithm::EdDSA);
+        assert_eq!(header.kid.as_deref(), Some(thumbprint(&public(1)).as_str()));
+        assert_eq!(service.verify_access(&token, at(1000)).unwrap().user_id, 7);
+        // Another key, even one listing this key's kid, does not take it.
+        assert_eq!(
+            ed25519(2, &[]).verify_access(&token, at(1000)),
+            Err(TokenError::Invalid)
+        );
+        let keys = service.public_keys();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(
+            (
+                keys[0].kty.as_str(),
+                keys[0].crv.as_str(),
+                keys[0].alg.as_str()
+            ),
+            ("OKP", "Ed25519", "EdDSA")
+        );
+    }
+
+    #[test]
+    fn after_rotation_both_keys_verify_and_hs256_or_none_never_does() {
+        let old = ed25519(1, &[]);
+        let (old_token, _) = old.issue_access(7, 42, at(1000), at(100_000)).unwrap();
+        let rotated = ed25519(2, &[public(1)]);
+        let (new_token, _) = rotated.issue_access(8, 43, at(1000), at(100_000)).unwrap();
+        assert!(rotated.verify_access(&old_token, at(1000)).is_ok());
+        assert!(rotated.verify_access(&new_token, at(1000)).is_ok());
+        let kids: Vec<String> = rotated.public_keys().into_iter().map(|k| k.kid).collect();
+        assert_eq!(
+            kids,
+            [thumbprint(&public(2)), thumbprint(&public(1))],
+            "signing key first"
+        );
+        // An HS256 token (whatever its secret) while keys are in use.
+        let (hs256, _) = service()
+            .issue_access(7, 42, at(1000), at(100_000))
+            .unwrap();
+        assert_eq!(
+            rotated.verify_access(&hs256, at(1000)),
+            Err(TokenError::Invalid)
+        );
+        // alg none, with a known kid.
+        let parts: Vec<&str> = new_token.split('.').collect();
+        let none_header = URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"alg":"none","typ":"at+jwt","kid":"{}"}}"#,
+            thumbprint(&public(2))
+        ));
+        let unsigned = format!("{none_header}.{}.", parts[1]);
+        assert_eq!(
+            rotated.verify_access(&unsigned, at(1000)),
+            Err(TokenError::Invalid)
+        );
+        // A kid that names no key, and none at all.
+        let unknown = format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","typ":"at+jwt","kid":"nobody"}"#),
+            parts[1],
+            parts[2]
+        );
+        assert_eq!(
+            rotated.verify_access(&unknown, at(1000)),
+            Err(TokenError::Invalid)
+        );
+        let kidless = format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","typ":"at+jwt"}"#),
+            parts[1],
+            parts[2]
+        );
+        assert_eq!(
+            rotated.verify_access(&kidless, at(1000)),
+            Err(TokenError::Invalid)
+        );
+    }
+
+    #[test]
+    fn key_files_are_read_as_pem_and_other_things_refused() {
+        use ed25519_dalek::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let private = signing
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .unwrap();
+        let public_pem = signing
+            .verifying_key()
+            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .unwrap();
+        assert_eq!(
+            read_signing_key(&private).unwrap().to_bytes(),
+            signing.to_bytes()
+        );
+        assert_eq!(read_verify_key(&private).unwrap(), public(3));
+        assert_eq!(read_verify_key(&public_pem).unwrap(), public(3));
+        assert!(
+            read_signing_key(&public_pem).is_err(),
+            "a public key cannot sign"
+        );
+        assert!(read_signing_key("not a key").is_err());
+        assert!(
+            read_verify_key("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+                .is_err()
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod faults;
 mod fuzz;
 mod grpc_web;
 mod hardening;
+mod keys;
 mod logs;
 mod message;
 mod outage;
