@@ -5,7 +5,10 @@
 //!
 //!     cargo run --release --bin ai-message-bench -- [--seconds 5] [--concurrency 64]
 //!         [--connections 4] [--bcrypt-cost 12] [--json results.json]
-//!         [--scenarios health,getme,rest-getme,validate,validate-batch,send,rest-send,list,login,stream,idle]
+//!         [--scenarios health,getme,rest-getme,validate,validate-batch,offline-verify,
+//!                      send,rest-send,list,login,stream,idle]
+//!         (offline-verify: the example verifier, examples/verifier, checking
+//!         EdDSA tokens of a second server with its published keys alone)
 //!         (rest-*: the same calls as REST/JSON over HTTP/1.1 keep-alive
 //!         connections, one per caller)
 //!         (also `logs`, not in the default set: the log volume at the default
@@ -36,12 +39,13 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ALL_SCENARIOS: [&str; 11] = [
+const ALL_SCENARIOS: [&str; 12] = [
     "health",
     "getme",
     "rest-getme",
     "validate",
     "validate-batch",
+    "offline-verify",
     "send",
     "rest-send",
     "list",
@@ -438,6 +442,13 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     sample,
                 });
             }
+            "offline-verify" => {
+                let rate = offline_verify_rate(&dir, duration).await?;
+                summary.push(format!(
+                    "offline verification (examples/verifier, EdDSA, 2 threads): {rate:.0} tokens/s"
+                ));
+                extra.push(("offline_verify_tokens_per_second".into(), rate));
+            }
             "validate-batch" => {
                 let clients: Vec<_> = (0..concurrency)
                     .map(|w| AuthServiceClient::new(channel(w)))
@@ -734,6 +745,78 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[path = "../../examples/verifier/verifier.rs"]
+#[allow(dead_code)]
+mod verifier;
+
+/// Tokens a second the example verifier checks offline: a second server
+/// signs with an Ed25519 key, the verifier fetches its key set, then two
+/// threads verify a token of it for `duration`.
+async fn offline_verify_rate(dir: &std::path::Path, duration: Duration) -> anyhow::Result<f64> {
+    use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+    let key_path = dir.join("signing.pem");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    std::fs::write(
+        &key_path,
+        key.to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .as_bytes(),
+    )?;
+    let mut config = Config::for_tests(DatabaseTarget::Sqlite(Some(dir.join("verify.db"))));
+    config.bcrypt_cost = 4;
+    config.signing_key_file = Some(key_path);
+    let app = Application::build(config).await?;
+    let port = app.port();
+    let issuer = app.state().config.domain.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let channel = connect_many(port, 1).await?.remove(0);
+    let mut auth = AuthServiceClient::new(channel.clone());
+    auth.register(proto::RegisterRequest {
+        username: "verified".into(),
+        email: "verified@example.com".into(),
+        password: "benchmark passphrase 1".into(),
+        full_name: None,
+    })
+    .await?;
+    let token = auth
+        .login(proto::LoginRequest {
+            username: "verified".into(),
+            password: "benchmark passphrase 1".into(),
+            device_info: None,
+        })
+        .await?
+        .into_inner()
+        .access_token;
+    let verifier = verifier::Verifier::new(channel, &issuer).await?;
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (verifier, token) = (Arc::clone(&verifier), token.clone());
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + duration;
+                let mut verified = 0u64;
+                while Instant::now() < deadline {
+                    if verifier.verify(&token).is_ok() {
+                        verified += 1;
+                    }
+                }
+                verified
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for thread in threads {
+        total += thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a verifier thread panicked"))?;
+    }
+    let _ = stop.send(());
+    let _ = server.await;
+    Ok(total as f64 / duration.as_secs_f64())
 }
 
 /// Tokens per ValidateTokens call in the `validate-batch` scenario.

@@ -22,6 +22,7 @@ backend_tests!(
     register_collisions_count_against_the_address,
     wrong_current_passwords_count_toward_the_account,
     every_rpc_without_credentials_is_unauthenticated_except_the_allowlist,
+    every_credential_path_refuses_a_disabled_user_and_a_revoked_session,
     audit_events_are_logged_without_passwords_or_tokens,
     a_database_failure_reaches_the_client_without_driver_text,
     calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot,
@@ -362,14 +363,7 @@ pub(crate) fn all_rpcs() -> Vec<(String, bool)> {
 
 async fn every_rpc_without_credentials_is_unauthenticated_except_the_allowlist(backend: Backend) {
     // Decided: these need no credentials (health and reflection are other packages).
-    const PUBLIC: [&str; 6] = [
-        "/aimessage.v1.AuthService/Register",
-        "/aimessage.v1.AuthService/Login",
-        "/aimessage.v1.AuthService/RefreshToken",
-        "/aimessage.v1.AuthService/ValidateToken",
-        "/aimessage.v1.AuthService/ValidateTokens",
-        "/aimessage.v1.AuthService/GetJwks",
-    ];
+    const PUBLIC: [&str; 6] = WITHOUT_BEARER;
     let app = spawn_app_with(backend, |_| {}).await;
     let rpcs = all_rpcs();
     assert_eq!(
@@ -408,6 +402,114 @@ async fn every_rpc_without_credentials_is_unauthenticated_except_the_allowlist(b
             "{path} answered {code:?} without credentials"
         );
     }
+    app.stop().await;
+}
+
+/// The RPCs that take no bearer token (they check other credentials or none).
+const WITHOUT_BEARER: [&str; 6] = [
+    "/aimessage.v1.AuthService/Register",
+    "/aimessage.v1.AuthService/Login",
+    "/aimessage.v1.AuthService/RefreshToken",
+    "/aimessage.v1.AuthService/ValidateToken",
+    "/aimessage.v1.AuthService/ValidateTokens",
+    "/aimessage.v1.AuthService/GetJwks",
+];
+
+async fn every_credential_path_refuses_a_disabled_user_and_a_revoked_session(backend: Backend) {
+    let app = spawn_app_with(backend, |_| {}).await;
+    let root = app.superuser("root").await;
+    // A superuser, so that no RPC would refuse them for lack of rights.
+    let disabled = app.superuser("dora").await;
+    app.admin
+        .clone()
+        .disable_user(with_bearer(
+            proto::DisableUserRequest {
+                user_id: disabled.user_id,
+            },
+            &root.access_token,
+        ))
+        .await
+        .unwrap();
+    let revoked = app.superuser("rex").await;
+    app.auth
+        .clone()
+        .logout(with_bearer(proto::LogoutRequest {}, &revoked.access_token))
+        .await
+        .unwrap();
+    let mut failures = Vec::new();
+    for (who, login, credentials) in [
+        ("disabled user", "dora", &disabled),
+        ("revoked session", "rex", &revoked),
+    ] {
+        // Every bearer RPC, streams included, by the raw path.
+        for (path, streaming) in all_rpcs() {
+            if WITHOUT_BEARER.contains(&path.as_str()) {
+                continue;
+            }
+            let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+            grpc.ready().await.unwrap();
+            let mut request = Request::new(Vec::new());
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", credentials.access_token)
+                    .parse()
+                    .unwrap(),
+            );
+            let path_and_query: http::uri::PathAndQuery = path.parse().unwrap();
+            let answer = if streaming {
+                grpc.server_streaming(request, path_and_query, crate::platform::RawCodec)
+                    .await
+                    .map(|_| ())
+            } else {
+                grpc.unary(request, path_and_query, crate::platform::RawCodec)
+                    .await
+                    .map(|_| ())
+            };
+            match answer {
+                Err(status) if status.code() == Code::Unauthenticated => {
+                    use tonic_types::StatusExt as _;
+                    let reason = status.get_details_error_info().map(|info| info.reason);
+                    if reason.as_deref() != Some("SESSION_REVOKED") {
+                        failures.push(format!("{who}: {path} gave reason {reason:?}"));
+                    }
+                }
+                other => failures.push(format!("{who}: {path} answered {other:?}")),
+            }
+        }
+        // The refresh token of that session.
+        if app.refresh(&credentials.refresh_token).await.is_ok() {
+            failures.push(format!("{who}: RefreshToken succeeded"));
+        }
+        // ValidateToken and ValidateTokens say inactive.
+        let mut auth = app.auth.clone();
+        let one = auth
+            .validate_token(proto::ValidateTokenRequest {
+                token: credentials.access_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let batch = auth
+            .validate_tokens(proto::ValidateTokensRequest {
+                tokens: vec![credentials.access_token.clone()],
+                required_roles: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if one.active || batch.results[0].active {
+            failures.push(format!("{who}: validated as active"));
+        }
+        // Login with the right password: refused for the disabled user.
+        let login = login_as(&app, login, PASSWORD, None).await;
+        match (who, login) {
+            ("disabled user", Err(status)) if status.code() == Code::PermissionDenied => {}
+            ("revoked session", Ok(_)) => {}
+            (_, other) => failures.push(format!("{who}: Login answered {other:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
     app.stop().await;
 }
 

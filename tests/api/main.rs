@@ -25,3 +25,4 @@ mod rest;
 mod revocations;
 mod session;
 mod user_admin;
+mod verifier;
