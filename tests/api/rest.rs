@@ -34,6 +34,7 @@ backend_tests!(
     rest_logins_record_the_user_agent_and_the_peer_address,
     a_trusted_proxy_forwards_the_client_address_over_rest,
     rest_is_served_over_http2_too,
+    the_revocation_feed_streams_as_ndjson,
 );
 
 /// A REST client for one test server.
@@ -1068,5 +1069,27 @@ async fn browsers_from_an_allowed_origin_may_call_rest_and_others_get_no_cors_he
             .all(|name| !name.as_str().starts_with("access-control-")),
         "{refused:?}"
     );
+    app.stop().await;
+}
+
+async fn the_revocation_feed_streams_as_ndjson(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let rest = Rest::new(&app);
+    let root = app.superuser("root").await;
+    let feed = rest
+        .request("GET", "/auth/revocations:watch", Some(&root.access_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.headers()["content-type"], "application/x-ndjson");
+    let ivy = rest.register_and_login("ivy").await;
+    rest.post("/auth/logout", Some(&ivy.access_token), json!({}))
+        .await;
+    let mut feed = feed.bytes_stream();
+    let line = read_events(&mut feed, "\n", 1, Duration::from_secs(2)).await;
+    let event: Value = serde_json::from_str(&line[0]).unwrap();
+    assert_eq!(id(&event["result"]["session_id"]), ivy.session_id);
+    assert_eq!(event["result"]["reason"], "SESSION_END_REASON_LOGOUT");
+    assert!(!event["result"]["cursor"].as_str().unwrap().is_empty());
     app.stop().await;
 }
