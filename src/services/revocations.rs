@@ -75,8 +75,15 @@ pub async fn watch(
         .into());
     }
     // Woken before the starting point is read, so nothing committed after
-    // it waits for the next poll.
+    // it waits for the next poll. Never opened while events from other
+    // instances could be missing (the contract's rule for every stream).
     let wake = state.events.revocation_signal();
+    let connected = state.events.connection_state();
+    if !*connected.borrow() {
+        return Err(Status::unavailable(
+            "real-time events are interrupted; retry shortly",
+        ));
+    }
     let cursor = &request.get_ref().after_cursor;
     let after = if cursor.is_empty() {
         state
@@ -105,6 +112,7 @@ pub async fn watch(
         u64::try_from(caller.session_expires_at - state.clock.now().micros()).unwrap_or(0),
     );
     let feed = Feed {
+        connected,
         shutdown: state.shutdown.clone(),
         state,
         after,
@@ -132,6 +140,8 @@ struct Feed {
     session_id: i64,
     expires: tokio::time::Instant,
     shutdown: watch::Receiver<bool>,
+    /// Whether the event channel is up; the feed ends when it goes down.
+    connected: watch::Receiver<bool>,
     /// The status that ends the feed once `pending` is delivered.
     ending: Option<Status>,
     ended: bool,
@@ -175,6 +185,11 @@ impl Feed {
                 _ = self.shutdown.changed() => {
                     self.ending = Some(Status::unavailable(
                         "the server is shutting down; resume from your last cursor",
+                    ));
+                }
+                () = crate::events::channel_lost(&mut self.connected) => {
+                    self.ending = Some(Status::unavailable(
+                        "real-time events were interrupted; resume from your last cursor",
                     ));
                 }
             }

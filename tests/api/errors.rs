@@ -298,15 +298,7 @@ async fn overload_and_oversized_requests_name_their_reasons(backend: Backend) {
     assert_eq!(retry_delay(&shed), Duration::from_secs(1));
 
     // A request over 4 MiB, over gRPC.
-    let length = 5 * 1024 * 1024;
-    let mut body = vec![0x0a];
-    let mut remaining = length;
-    while remaining >= 0x80 {
-        body.push((remaining as u8 & 0x7f) | 0x80);
-        remaining >>= 7;
-    }
-    body.push(remaining as u8);
-    body.resize(body.len() + length, b'a');
+    let body = crate::platform::oversized_register();
     assert_reason(
         crate::platform::call_raw(&app, "/aimessage.v1.AuthService/Register", body).await,
         Code::ResourceExhausted,

@@ -388,6 +388,49 @@ impl TestApp {
         WriteLock(conn)
     }
 
+    /// Creates the role `name` (as the superuser `root_token`) and gives it
+    /// to `user_id`; returns the role's id.
+    pub async fn grant_role(&self, root_token: &str, user_id: i64, name: &str) -> i64 {
+        let mut admin = self.admin.clone();
+        let role = admin
+            .create_role(with_bearer(
+                proto::CreateRoleRequest {
+                    name: name.to_owned(),
+                    description: None,
+                },
+                root_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .role
+            .unwrap();
+        admin
+            .set_user_roles(with_bearer(
+                proto::SetUserRolesRequest {
+                    user_id,
+                    role_ids: vec![role.id],
+                },
+                root_token,
+            ))
+            .await
+            .unwrap();
+        role.id
+    }
+
+    /// ValidateToken's answer for `token`, requiring `roles`.
+    pub async fn validate(&self, token: &str, roles: &[&str]) -> proto::ValidateTokenResponse {
+        self.auth
+            .clone()
+            .validate_token(proto::ValidateTokenRequest {
+                token: token.to_owned(),
+                required_roles: roles.iter().map(|role| (*role).to_owned()).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// A second server on this test's database, as another instance would be.
     pub async fn spawn_sibling(&self) -> TestApp {
         self.spawn_sibling_with(|_| {}).await

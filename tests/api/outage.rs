@@ -182,6 +182,24 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
     let ann = a.register_and_login("ann").await;
     let bob = a.register_and_login("bob").await;
 
+    let root = a.superuser("root").await;
+    let early = a.register_and_login("early").await;
+    let late = a.register_and_login("late").await;
+    let mut feed = crate::errors::watch(&b, &root.access_token, "")
+        .await
+        .unwrap();
+    a.auth
+        .clone()
+        .logout(with_bearer(proto::LogoutRequest {}, &early.access_token))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(2), feed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.session_id, early.session_id);
+
     let mut stream = b.open_stream(&bob).await.unwrap();
     let first = a
         .send_text(&ann, bob.user_id, "before the cut")
@@ -205,6 +223,16 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
     .expect("the stream on the cut instance ends");
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     eprintln!("stream ended after {:?}", started.elapsed());
+    // The revocation feed on B ends the same way, never silently.
+    let feed_end = tokio::time::timeout(Duration::from_secs(15), feed.message())
+        .await
+        .expect("the feed on the cut instance ends");
+    assert_eq!(feed_end.map(|_| ()).unwrap_err().code(), Code::Unavailable);
+    a.auth
+        .clone()
+        .logout(with_bearer(proto::LogoutRequest {}, &late.access_token))
+        .await
+        .unwrap();
     for n in 0..5 {
         a.send_text(&ann, bob.user_id, &format!("during the cut {n}"))
             .await
@@ -218,6 +246,16 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
     // health says SERVING receives the very next message.
     open.send_replace(true);
     wait_for_health(&b, ServingStatus::Serving, Duration::from_secs(10)).await;
+    // Resumed from its cursor, the feed brings the revocation made during the cut.
+    let mut feed = crate::errors::watch(&b, &root.access_token, &seen.cursor)
+        .await
+        .unwrap();
+    let missed = tokio::time::timeout(Duration::from_secs(2), feed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(missed.session_id, late.session_id);
     let mut resumed = b.open_stream(&bob).await.unwrap();
     let next = a
         .send_text(&ann, bob.user_id, "after the cut")

@@ -148,6 +148,20 @@ impl Decoder for RawCodec {
     }
 }
 
+/// A RegisterRequest whose `username` (field 1, wire type 2) is 5 MiB long.
+pub(crate) fn oversized_register() -> Vec<u8> {
+    let length = 5 * 1024 * 1024;
+    let mut body = vec![0x0a];
+    let mut remaining = length;
+    while remaining >= 0x80 {
+        body.push((remaining as u8 & 0x7f) | 0x80);
+        remaining >>= 7;
+    }
+    body.push(remaining as u8);
+    body.resize(body.len() + length, b'a');
+    body
+}
+
 pub(crate) async fn call_raw(
     app: &TestApp,
     path: &'static str,
@@ -166,18 +180,13 @@ pub(crate) async fn call_raw(
 
 async fn requests_over_4_mib_are_resource_exhausted_and_the_server_keeps_serving(backend: Backend) {
     let app = spawn_app(backend).await;
-    // A RegisterRequest whose `username` (field 1, wire type 2) is 5 MiB long.
-    let length = 5 * 1024 * 1024;
-    let mut body = vec![0x0a];
-    let mut remaining = length;
-    while remaining >= 0x80 {
-        body.push((remaining as u8 & 0x7f) | 0x80);
-        remaining >>= 7;
-    }
-    body.push(remaining as u8);
-    body.resize(body.len() + length, b'a');
     let status = assert_code(
-        call_raw(&app, "/aimessage.v1.AuthService/Register", body).await,
+        call_raw(
+            &app,
+            "/aimessage.v1.AuthService/Register",
+            oversized_register(),
+        )
+        .await,
         Code::ResourceExhausted,
     );
     assert!(!status.message().contains("tonic"));

@@ -256,30 +256,8 @@ async fn service_role_holders_may_watch_and_others_may_not(backend: Backend) {
         Code::PermissionDenied,
         "ROLE_REQUIRED",
     );
-    let mut admin = app.admin.clone();
-    let role = admin
-        .create_role(with_bearer(
-            proto::CreateRoleRequest {
-                name: "service".into(),
-                description: None,
-            },
-            &root.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .role
-        .unwrap();
-    admin
-        .set_user_roles(with_bearer(
-            proto::SetUserRolesRequest {
-                user_id: svc.user_id,
-                role_ids: vec![role.id],
-            },
-            &root.access_token,
-        ))
-        .await
-        .unwrap();
+    app.grant_role(&root.access_token, svc.user_id, "service")
+        .await;
     let mut feed = watch(&app, &svc.access_token, "").await.unwrap();
     let ivy = app.register_and_login("ivy").await;
     logout(&app, &ivy).await;
@@ -412,47 +390,15 @@ async fn ended_sessions_are_listed_with_their_reason_on_request(backend: Backend
     app.stop().await;
 }
 
-async fn validate(app: &TestApp, token: &str, roles: &[&str]) -> proto::ValidateTokenResponse {
-    app.auth
-        .clone()
-        .validate_token(proto::ValidateTokenRequest {
-            token: token.into(),
-            required_roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 async fn validate_token_reports_missing_roles_and_how_long_to_cache(backend: Backend) {
     let app = spawn_app(backend).await;
     let root = app.superuser("root").await;
     let ivy = app.register_and_login("ivy").await;
-    let mut admin = app.admin.clone();
-    let role = admin
-        .create_role(with_bearer(
-            proto::CreateRoleRequest {
-                name: "editor".into(),
-                description: None,
-            },
-            &root.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .role
-        .unwrap();
-    admin
-        .set_user_roles(with_bearer(
-            proto::SetUserRolesRequest {
-                user_id: ivy.user_id,
-                role_ids: vec![role.id],
-            },
-            &root.access_token,
-        ))
-        .await
-        .unwrap();
-    let answer = validate(&app, &ivy.access_token, &["editor", "admin", "billing"]).await;
+    app.grant_role(&root.access_token, ivy.user_id, "editor")
+        .await;
+    let answer = app
+        .validate(&ivy.access_token, &["editor", "admin", "billing"])
+        .await;
     assert!(answer.active, "missing roles leave the token active");
     assert_eq!(answer.missing_roles, ["admin", "billing"]);
     let now = std::time::SystemTime::now()
@@ -466,7 +412,7 @@ async fn validate_token_reports_missing_roles_and_how_long_to_cache(backend: Bac
         "about one second ahead: {until} vs {now}"
     );
     assert!(until <= answer.expires_at.unwrap().seconds as f64);
-    let inactive = validate(&app, "junk", &["editor"]).await;
+    let inactive = app.validate("junk", &["editor"]).await;
     assert!(
         !inactive.active && inactive.missing_roles.is_empty() && inactive.cache_until.is_none()
     );

@@ -23,30 +23,7 @@ backend_tests!(an_offline_verifier_refuses_a_revoked_sessions_token_within_a_sec
 async fn service_account(app: &TestApp, name: &str) {
     let root = app.superuser("root").await;
     let user = app.register(name).await;
-    let mut admin = app.admin.clone();
-    let role = admin
-        .create_role(with_bearer(
-            proto::CreateRoleRequest {
-                name: "service".into(),
-                description: None,
-            },
-            &root.access_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .role
-        .unwrap();
-    admin
-        .set_user_roles(with_bearer(
-            proto::SetUserRolesRequest {
-                user_id: user.id,
-                role_ids: vec![role.id],
-            },
-            &root.access_token,
-        ))
-        .await
-        .unwrap();
+    app.grant_role(&root.access_token, user.id, "service").await;
 }
 
 /// Polls `verify` until it refuses, at most `limit`; how long it took.
