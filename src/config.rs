@@ -159,6 +159,8 @@ pub struct Config {
     /// `AI_MESSAGE_VALIDATION_CACHE_TTL`: ValidateToken's `cache_until` is at
     /// most this far ahead; default 1 s.
     pub validation_cache_ttl: Duration,
+    /// `AI_MESSAGE_METRICS_ADDR`: where `GET /metrics` listens; default none (off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// HTTP/2 and gRPC limits (additions to the contract's variables).
     pub transport: TransportLimits,
 }
@@ -236,6 +238,7 @@ impl Config {
             signing_key_file: None,
             verify_key_files: Vec::new(),
             validation_cache_ttl: Duration::from_secs(1),
+            metrics_addr: None,
             transport: TransportLimits::default(),
         }
     }
@@ -402,6 +405,15 @@ impl Config {
                 "AI_MESSAGE_VALIDATION_CACHE_TTL",
                 defaults.validation_cache_ttl,
             )?,
+            metrics_addr: match get("AI_MESSAGE_METRICS_ADDR") {
+                Some(text) => Some(text.trim().parse().map_err(|_| {
+                    bad(
+                        "AI_MESSAGE_METRICS_ADDR",
+                        format!("{text:?} is not an address such as 127.0.0.1:9090"),
+                    )
+                })?),
+                None => defaults.metrics_addr,
+            },
             transport,
             database,
         })
@@ -746,6 +758,7 @@ mod tests {
             "AI_MESSAGE_SIGNING_KEY_FILE",
             "AI_MESSAGE_VERIFY_KEY_FILES",
             "AI_MESSAGE_VALIDATION_CACHE_TTL",
+            "AI_MESSAGE_METRICS_ADDR",
         ] {
             assert!(
                 values.contains_key(variable),

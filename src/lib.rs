@@ -14,6 +14,7 @@ pub mod connections;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod proto;
 pub mod services;
 pub mod startup;

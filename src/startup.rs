@@ -30,7 +30,7 @@ use crate::{
         health,
         http::{HttpFace, PlainHttpLayer},
         message::MessageApi,
-        middleware::{AdmissionLayer, CallLogLayer, CallSlots, CorsLayer},
+        middleware::{AdmissionLayer, CallLogLayer, CallSlots, CorsLayer, MetricsLayer},
         reflection::{DescriptorIndex, ReflectionV1, ReflectionV1Alpha},
         session::SessionApi,
         user_admin::UserAdminApi,
@@ -149,6 +149,8 @@ fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// A built server: database open and migrated, port bound, not yet serving.
 pub struct Application {
     listener: TcpListener,
+    /// `GET /metrics`, when AI_MESSAGE_METRICS_ADDR is set.
+    metrics_listener: Option<TcpListener>,
     address: SocketAddr,
     state: Arc<AppState>,
     /// Set to true on shutdown: streams end, background tasks stop.
@@ -187,6 +189,13 @@ impl Application {
                 )
             })?;
         let address = listener.local_addr()?;
+        let metrics_listener =
+            match config.metrics_addr {
+                Some(metrics) => Some(TcpListener::bind(metrics).await.with_context(|| {
+                    format!("AI_MESSAGE_METRICS_ADDR: cannot listen on {metrics}")
+                })?),
+                None => None,
+            };
         let (stop_tx, stop_rx) = watch::channel(false);
         let sessions = Arc::new(SessionCache::default());
         let events = EventHub::new(
@@ -219,6 +228,7 @@ impl Application {
         };
         Ok(Self {
             listener,
+            metrics_listener,
             address,
             stop: stop_tx,
             background: event_listener.into_iter().collect(),
@@ -236,12 +246,21 @@ impl Application {
                 config,
                 shutdown: stop_rx,
                 readiness: Arc::default(),
+                metrics: crate::metrics::Metrics::new(&served_rpcs()),
             }),
         })
     }
 
     pub fn port(&self) -> u16 {
         self.address.port()
+    }
+
+    /// The port `GET /metrics` listens on, when it does.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+            .map(|address| address.port())
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -256,6 +275,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Self {
             listener,
+            metrics_listener,
             address,
             state,
             stop: stop_tx,
@@ -317,6 +337,14 @@ impl Application {
                 )
             }
         };
+        if let Some(listener) = metrics_listener {
+            tracing::info!(address = ?listener.local_addr().ok(), "serving metrics");
+            background.push(tokio::spawn(serve_metrics(
+                listener,
+                Arc::clone(&state),
+                stop_tx.subscribe(),
+            )));
+        }
         let mut routes = Routes::builder();
         routes.add_service(health_service);
         if config.reflection {
@@ -353,6 +381,10 @@ impl Application {
                 &state.readiness,
             ))?)))
             .layer(tonic_web::GrpcWebLayer::new())
+            // Recorded only when someone can scrape them.
+            .option_layer(config.metrics_addr.map(|_| MetricsLayer {
+                metrics: Arc::clone(&state.metrics),
+            }))
             .layer(CallLogLayer)
             .layer(AdmissionLayer {
                 max_header_list_bytes: limits.max_header_list_bytes as usize,
@@ -391,6 +423,88 @@ impl Application {
         state.db.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Every RPC the server routes, as (service, method, server-streaming), for
+/// the per-RPC metrics: the four services, health and reflection.
+fn served_rpcs() -> Vec<(String, String, bool)> {
+    let mut rpcs = Vec::new();
+    for set in [
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(pool) = prost_reflect::DescriptorPool::decode(set) else {
+            continue;
+        };
+        for service in pool.services() {
+            for method in service.methods() {
+                rpcs.push((
+                    service.full_name().to_owned(),
+                    method.name().to_owned(),
+                    method.is_server_streaming(),
+                ));
+            }
+        }
+    }
+    rpcs.sort();
+    rpcs.dedup();
+    rpcs
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` turns true.
+async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let state = Arc::clone(&state);
+                    async move {
+                        let (status, body) = if request.uri().path() == "/metrics" {
+                            (
+                                http::StatusCode::OK,
+                                state.metrics.render(state.db.pool_state()),
+                            )
+                        } else {
+                            (
+                                http::StatusCode::NOT_FOUND,
+                                "only /metrics is here\n".to_owned(),
+                            )
+                        };
+                        let mut answer = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        ));
+                        *answer.status_mut() = status;
+                        answer.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            ),
+                        );
+                        Ok::<_, std::convert::Infallible>(answer)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

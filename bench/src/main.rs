@@ -39,9 +39,10 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ALL_SCENARIOS: [&str; 12] = [
+const ALL_SCENARIOS: [&str; 13] = [
     "health",
     "getme",
+    "metrics-overhead",
     "rest-getme",
     "validate",
     "validate-batch",
@@ -442,6 +443,14 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     sample,
                 });
             }
+            "metrics-overhead" => {
+                let (off, on) = metrics_overhead(&dir, concurrency, duration).await?;
+                let share = on / off * 100.0;
+                summary.push(format!(
+                    "GetMe with metrics on: {on:.0}/s vs off: {off:.0}/s = {share:.1}% (best of 3 alternating rounds each)"
+                ));
+                extra.push(("getme_metrics_on_percent_of_off".into(), share));
+            }
             "offline-verify" => {
                 let rate = offline_verify_rate(&dir, duration).await?;
                 summary.push(format!(
@@ -750,6 +759,63 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
 #[path = "../../examples/verifier/verifier.rs"]
 #[allow(dead_code)]
 mod verifier;
+
+/// GetMe calls a second on two fresh servers, metrics off and on
+/// (AI_MESSAGE_METRICS_ADDR set), alternating three rounds each in one run;
+/// the best round of each.
+async fn metrics_overhead(
+    dir: &std::path::Path,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let mut servers = Vec::new();
+    for (name, metrics) in [("metrics-off.db", false), ("metrics-on.db", true)] {
+        let mut config = Config::for_tests(DatabaseTarget::Sqlite(Some(dir.join(name))));
+        config.bcrypt_cost = 4;
+        if metrics {
+            config.metrics_addr = Some("127.0.0.1:0".parse()?);
+        }
+        let app = Application::build(config).await?;
+        let port = app.port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let channels = connect_many(port, 4).await?;
+        let mut auth = AuthServiceClient::new(channels[0].clone());
+        auth.register(proto::RegisterRequest {
+            username: "measured".into(),
+            email: "measured@example.com".into(),
+            password: "benchmark passphrase 1".into(),
+            full_name: None,
+        })
+        .await?;
+        let token = auth
+            .login(proto::LoginRequest {
+                username: "measured".into(),
+                password: "benchmark passphrase 1".into(),
+                device_info: None,
+            })
+            .await?
+            .into_inner()
+            .access_token;
+        servers.push((channels, Arc::new(vec![token]), stop, server));
+    }
+    let mut best = [0.0_f64; 2];
+    for _ in 0..3 {
+        for (i, (channels, tokens, _, _)) in servers.iter().enumerate() {
+            let rate = get_me_load(channels, tokens, concurrency, duration / 2)
+                .await
+                .rate();
+            best[i] = best[i].max(rate);
+        }
+    }
+    for (_, _, stop, server) in servers {
+        let _ = stop.send(());
+        let _ = server.await;
+    }
+    Ok((best[0], best[1]))
+}
 
 /// Tokens a second the example verifier checks offline: a second server
 /// signs with an Ed25519 key, the verifier fetches its key set, then two

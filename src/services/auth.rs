@@ -186,7 +186,11 @@ impl AuthApi {
             RefreshOutcome::Reused {
                 session_id,
                 user_id,
+                ended,
             } => {
+                self.state
+                    .metrics
+                    .sessions_revoked(EndReason::RefreshTokenReused.label(), ended);
                 tracing::warn!(
                     target: "audit",
                     user_id,
@@ -297,7 +301,8 @@ impl AuthApi {
         }
         throttle.succeeded(Some(&account_key), None).await?;
         let new_hash = hasher.hash(new_password.as_str()).await?;
-        self.state
+        let ended = self
+            .state
             .db
             .change_password(
                 caller.user.id,
@@ -306,6 +311,9 @@ impl AuthApi {
                 self.state.clock.now().micros(),
             )
             .await?;
+        self.state
+            .metrics
+            .sessions_revoked(EndReason::PasswordChanged.label(), ended);
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,
@@ -444,7 +452,8 @@ impl AuthService for AuthApi {
         request: Request<proto::LogoutRequest>,
     ) -> Result<Response<proto::LogoutResponse>, Status> {
         let caller = self.state.authenticate(&request).await?;
-        self.state
+        let ended = self
+            .state
             .db
             .revoke_session(
                 caller.session_id,
@@ -453,6 +462,9 @@ impl AuthService for AuthApi {
                 self.state.clock.now().micros(),
             )
             .await?;
+        self.state
+            .metrics
+            .sessions_revoked(EndReason::Logout.label(), u64::from(ended));
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,
@@ -478,6 +490,9 @@ impl AuthService for AuthApi {
                 self.state.clock.now().micros(),
             )
             .await?;
+        self.state
+            .metrics
+            .sessions_revoked(EndReason::LogoutAll.label(), revoked);
         tracing::info!(
             target: "audit",
             user_id = caller.user.id,

@@ -387,6 +387,8 @@ impl MessageApi {
 
 /// What one open StreamMessages call holds between events.
 struct StreamFeed {
+    /// Counts the stream in `ai_message_streams_open` while it lives.
+    _open: crate::metrics::StreamGuard,
     state: Arc<AppState>,
     subscription: crate::events::Subscription,
     session_id: i64,
@@ -468,6 +470,7 @@ impl MessageService for MessageApi {
             u64::try_from(caller.session_expires_at - self.state.clock.now().micros()).unwrap_or(0),
         );
         let feed = StreamFeed {
+            _open: self.state.metrics.stream_opened("StreamMessages"),
             state: Arc::clone(&self.state),
             subscription,
             session_id: caller.session_id,

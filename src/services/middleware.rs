@@ -522,3 +522,162 @@ where
         })
     }
 }
+
+/// Counts every call under its RPC (`grpc_server_*`): started when it
+/// arrives, handled with its code when it ends (trailers-only answers at
+/// once, others when their body's trailers pass), timed from start to end.
+/// It sits inside the gRPC-Web translation and the REST dispatch, so their
+/// calls count under the RPC they reach.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = Metered<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Metered {
+            inner,
+            metrics: std::sync::Arc::clone(&self.metrics),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Metered<S> {
+    inner: S,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// The call's code from `grpc-status`, and what its ErrorInfo says happened.
+fn record_end(
+    metrics: &crate::metrics::Metrics,
+    path: &str,
+    headers: Option<&HeaderMap>,
+    started: tokio::time::Instant,
+) {
+    let code = headers
+        .and_then(|headers| headers.get("grpc-status"))
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i32>().ok())
+        .map_or(Code::Unknown, Code::from_i32);
+    if let Some(rpc) = metrics.rpc(path) {
+        rpc.handled(code, started.elapsed());
+    }
+    if matches!(code, Code::Unauthenticated | Code::ResourceExhausted)
+        && let Some(status) = headers.and_then(tonic::Status::from_header_map)
+    {
+        use tonic_types::StatusExt as _;
+        if let Some(info) = status.get_details_error_info() {
+            metrics.refused(&info.reason);
+        }
+    }
+}
+
+impl<S> Service<http::Request<tonic::body::Body>> for Metered<S>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let started = tokio::time::Instant::now();
+        let path = request.uri().path().to_owned();
+        if let Some(rpc) = self.metrics.rpc(&path) {
+            rpc.started();
+        }
+        let metrics = std::sync::Arc::clone(&self.metrics);
+        let mut inner = take_ready(&mut self.inner);
+        Box::pin(async move {
+            let response = inner.call(request).await?;
+            if response.headers().contains_key("grpc-status") {
+                record_end(&metrics, &path, Some(response.headers()), started);
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                tonic::body::Body::new(MeteredBody {
+                    body,
+                    end: Some(CallEnd {
+                        metrics,
+                        path,
+                        started,
+                    }),
+                })
+            }))
+        })
+    }
+}
+
+/// What a body still has to record when its call ends.
+struct CallEnd {
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    path: String,
+    started: tokio::time::Instant,
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records its call's end at its trailers (or,
+    /// if the client goes away first, as CANCELLED when dropped).
+    struct MeteredBody {
+        #[pin]
+        body: tonic::body::Body,
+        end: Option<CallEnd>,
+    }
+
+    impl PinnedDrop for MeteredBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(end) = this.project().end.take() {
+                let mut cancelled = HeaderMap::new();
+                cancelled.insert("grpc-status", HeaderValue::from(Code::Cancelled as i32));
+                record_end(&end.metrics, &end.path, Some(&cancelled), end.started);
+            }
+        }
+    }
+}
+
+impl http_body::Body for MeteredBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.body.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(end) = this.end.take()
+                {
+                    record_end(&end.metrics, &end.path, Some(trailers), end.started);
+                }
+            }
+            Some(Err(_)) | None => {
+                if let Some(end) = this.end.take() {
+                    record_end(&end.metrics, &end.path, None, end.started);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

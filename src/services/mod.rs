@@ -72,6 +72,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Whether the health probe last reached the database (calls fail fast when not).
     pub readiness: Arc<health::Readiness>,
+    /// The Prometheus series.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {

@@ -112,6 +112,7 @@ pub async fn watch(
         u64::try_from(caller.session_expires_at - state.clock.now().micros()).unwrap_or(0),
     );
     let feed = Feed {
+        _open: state.metrics.stream_opened("WatchRevocations"),
         connected,
         shutdown: state.shutdown.clone(),
         state,
@@ -132,6 +133,8 @@ pub async fn watch(
 
 /// What one open feed holds between events.
 struct Feed {
+    /// Counts the stream in `ai_message_streams_open` while it lives.
+    _open: crate::metrics::StreamGuard,
     state: Arc<AppState>,
     /// The last row delivered (or the starting point).
     after: i64,

@@ -71,6 +71,9 @@ impl SessionService for SessionApi {
                 self.state.clock.now().micros(),
             )
             .await?;
+        self.state
+            .metrics
+            .sessions_revoked(EndReason::SessionDeleted.label(), u64::from(revoked));
         if !revoked {
             return Err(AppError::NotFound("session not found".into()).into());
         }

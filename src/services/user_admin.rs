@@ -19,7 +19,7 @@ use crate::{
     },
     error::{AppError, Reason},
     proto::{self, user_admin_service_server::UserAdminService},
-    storage::UserRecord,
+    storage::{EndReason, UserRecord},
 };
 
 pub struct UserAdminApi {
@@ -170,10 +170,14 @@ impl UserAdminService for UserAdminApi {
         let caller = self.state.authenticate_superuser(&request).await?;
         let user_id = request.get_ref().user_id;
         Self::refuse_self(&caller, user_id, "delete")?;
-        self.state
+        let ended = self
+            .state
             .db
             .delete_user(user_id, self.state.clock.now().micros())
             .await?;
+        self.state
+            .metrics
+            .sessions_revoked(EndReason::UserDeleted.label(), ended);
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user deleted");
         self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::DeleteUserResponse {}))
@@ -186,11 +190,14 @@ impl UserAdminService for UserAdminApi {
         let caller = self.state.authenticate_superuser(&request).await?;
         let user_id = request.get_ref().user_id;
         Self::refuse_self(&caller, user_id, "disable")?;
-        let user = self
+        let (user, ended) = self
             .state
             .db
             .set_user_active(user_id, false, self.state.clock.now().micros())
             .await?;
+        self.state
+            .metrics
+            .sessions_revoked(EndReason::UserDisabled.label(), ended);
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user disabled; sessions revoked");
         self.state.events.user_changed(user_id).await;
         Ok(Response::new(proto::DisableUserResponse {
@@ -204,7 +211,7 @@ impl UserAdminService for UserAdminApi {
     ) -> Result<Response<proto::EnableUserResponse>, Status> {
         let caller = self.state.authenticate_superuser(&request).await?;
         let user_id = request.get_ref().user_id;
-        let user = self
+        let (user, _) = self
             .state
             .db
             .set_user_active(user_id, true, self.state.clock.now().micros())

@@ -162,6 +162,13 @@ pub struct SessionRecord {
     pub end_reason: Option<i32>,
 }
 
+/// The connection pools' state, for `ai_message_db_connections`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    pub idle: usize,
+    pub in_use: usize,
+}
+
 /// Why a session ended; the numbers are the stored ones (and the API's
 /// `SessionEndReason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +182,22 @@ pub enum EndReason {
     UserDeleted = 6,
     RefreshTokenReused = 7,
     Expired = 8,
+}
+
+impl EndReason {
+    /// The reason as metrics label it (`logout`, `logout_all`, ...).
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Logout => "logout",
+            Self::LogoutAll => "logout_all",
+            Self::SessionDeleted => "session_deleted",
+            Self::PasswordChanged => "password_changed",
+            Self::UserDisabled => "user_disabled",
+            Self::UserDeleted => "user_deleted",
+            Self::RefreshTokenReused => "refresh_token_reused",
+            Self::Expired => "expired",
+        }
+    }
 }
 
 /// One row of the revocation log: a session that ended early.
@@ -210,7 +233,12 @@ pub enum RefreshOutcome {
         session_expires_at: i64,
     },
     /// The token had been spent before: treated as theft, the session is revoked.
-    Reused { session_id: i64, user_id: i64 },
+    /// `ended` is 1 if the session was still live.
+    Reused {
+        session_id: i64,
+        user_id: i64,
+        ended: u64,
+    },
     /// Unknown token, or its session or user is no longer live.
     Invalid,
 }
@@ -237,13 +265,14 @@ pub trait UserRepository: Send + Sync {
 
     /// Replaces the password hash and, in the same transaction, revokes every
     /// other live session of the user; the session `keep_session_id` stays.
+    /// Returns how many sessions ended.
     async fn change_password(
         &self,
         user_id: i64,
         password_hash: &str,
         keep_session_id: i64,
         now: i64,
-    ) -> Result<()>;
+    ) -> Result<u64>;
 
     /// The user's role names, sorted.
     async fn role_names(&self, user_id: i64) -> Result<Vec<String>>;
@@ -266,7 +295,8 @@ pub trait UserRepository: Send + Sync {
     /// Deletes the user with their sessions, refresh tokens, role links and
     /// messages (sent and received), in one transaction, its live sessions
     /// logged in the revocation feed first. `NotFound("user")`.
-    async fn delete_user(&self, user_id: i64, now: i64) -> Result<()>;
+    /// Returns how many live sessions ended with it.
+    async fn delete_user(&self, user_id: i64, now: i64) -> Result<u64>;
 
     /// Sets `is_superuser` (idempotent). `NotFound("user")` for a missing user.
     async fn set_superuser(&self, user_id: i64, is_superuser: bool, now: i64)
@@ -274,7 +304,13 @@ pub trait UserRepository: Send + Sync {
 
     /// Enables or disables the user; disabling also revokes every session of
     /// the user, in the same transaction. `NotFound("user")` for a missing user.
-    async fn set_user_active(&self, user_id: i64, active: bool, now: i64) -> Result<UserRecord>;
+    /// Returns the user and how many sessions ended.
+    async fn set_user_active(
+        &self,
+        user_id: i64,
+        active: bool,
+        now: i64,
+    ) -> Result<(UserRecord, u64)>;
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -612,6 +648,9 @@ pub trait Database:
 
     /// Closes the pool, waiting for connections to be returned.
     async fn close(&self);
+
+    /// How many connections are idle and in use right now.
+    fn pool_state(&self) -> PoolState;
 }
 
 /// Connects to the database named by the configuration (creating an SQLite

@@ -68,6 +68,14 @@ impl_repositories!(PostgresStore, Postgres);
 
 #[async_trait]
 impl Database for PostgresStore {
+    fn pool_state(&self) -> super::PoolState {
+        let idle = self.pool.num_idle();
+        super::PoolState {
+            idle,
+            in_use: (self.pool.size() as usize).saturating_sub(idle),
+        }
+    }
+
     fn event_channel(&self) -> Option<Arc<dyn EventChannel>> {
         Some(Arc::new(PgEventChannel {
             pool: self.pool.clone(),

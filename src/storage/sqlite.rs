@@ -145,6 +145,16 @@ impl_repositories!(SqliteStore, Sqlite);
 #[async_trait]
 impl Database for SqliteStore {
     /// One process owns an SQLite file: in-process delivery is enough.
+    fn pool_state(&self) -> super::PoolState {
+        let (writer, reader) = (&self.writer, &self.reader);
+        let idle = writer.num_idle() + reader.num_idle();
+        let size = writer.size() as usize + reader.size() as usize;
+        super::PoolState {
+            idle,
+            in_use: size.saturating_sub(idle),
+        }
+    }
+
     fn event_channel(&self) -> Option<std::sync::Arc<dyn super::EventChannel>> {
         None
     }

@@ -100,7 +100,7 @@ fn grpc_web_frames(body: &[u8]) -> (Vec<u8>, String) {
     (message, trailers)
 }
 
-fn framed(message: &impl prost::Message) -> Vec<u8> {
+pub fn framed(message: &impl prost::Message) -> Vec<u8> {
     let bytes = message.encode_to_vec();
     let mut frame = vec![0];
     frame.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_be_bytes());

@@ -154,6 +154,8 @@ impl WriteLock {
 pub struct TestApp {
     pub backend: Backend,
     pub port: u16,
+    /// Where `GET /metrics` answers, when the test turned it on.
+    pub metrics_port: Option<u16>,
     pub config: Config,
     pub state: Arc<AppState>,
     pub channel: Channel,
@@ -216,6 +218,7 @@ pub async fn spawn_app_on_clock(
         .await
         .unwrap();
     let port = app.port();
+    let metrics_port = app.metrics_port();
     let state = app.state();
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -228,6 +231,7 @@ pub async fn spawn_app_on_clock(
     TestApp {
         backend,
         port,
+        metrics_port,
         config,
         state,
         auth: AuthServiceClient::new(channel.clone()),
@@ -386,6 +390,14 @@ impl TestApp {
         })
         .await;
         WriteLock(conn)
+    }
+
+    /// Logs `username` in once its throttle delay is over (ended by hand, as
+    /// if the time had passed); returns the access token.
+    pub async fn login_after_throttle(&self, username: &str) -> String {
+        self.execute("UPDATE login_account_throttle SET locked_until = $1", 0)
+            .await;
+        self.login(username, PASSWORD).await.unwrap().access_token
     }
 
     /// Creates the role `name` (as the superuser `root_token`) and gives it

@@ -19,6 +19,7 @@ mod hardening;
 mod keys;
 mod logs;
 mod message;
+mod metrics;
 mod outage;
 mod platform;
 mod rest;

@@ -125,7 +125,7 @@ macro_rules! impl_session_repository {
                     let Some((session_id, user_id)) = previous else {
                         return Ok(RefreshOutcome::Invalid);
                     };
-                    end_sessions!(
+                    let ended = end_sessions!(
                         self,
                         tx,
                         $crate::storage::EndReason::RefreshTokenReused,
@@ -134,7 +134,11 @@ macro_rules! impl_session_repository {
                         session_id,
                     );
                     tx.commit().await?;
-                    return Ok(RefreshOutcome::Reused { session_id, user_id });
+                    return Ok(RefreshOutcome::Reused {
+                        session_id,
+                        user_id,
+                        ended,
+                    });
                 };
                 let session_expires_at: Option<i64> = sqlx::query_scalar(
                     "SELECT s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id \

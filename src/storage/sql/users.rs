@@ -106,7 +106,7 @@ macro_rules! impl_user_repository {
                 password_hash: &str,
                 keep_session_id: i64,
                 now: i64,
-            ) -> $crate::storage::Result<()> {
+            ) -> $crate::storage::Result<u64> {
                 let mut tx = self.begin_write().await?;
                 let changed = sqlx::query(
                     "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1",
@@ -119,7 +119,7 @@ macro_rules! impl_user_repository {
                 if changed.rows_affected() == 0 {
                     return Err($crate::storage::StorageError::NotFound("user"));
                 }
-                end_sessions!(
+                let ended = end_sessions!(
                     self,
                     tx,
                     $crate::storage::EndReason::PasswordChanged,
@@ -129,7 +129,7 @@ macro_rules! impl_user_repository {
                     keep_session_id,
                 );
                 tx.commit().await?;
-                Ok(())
+                Ok(ended)
             }
 
             async fn list_users(
@@ -179,10 +179,10 @@ macro_rules! impl_user_repository {
                 .await?)
             }
 
-            async fn delete_user(&self, user_id: i64, now: i64) -> $crate::storage::Result<()> {
+            async fn delete_user(&self, user_id: i64, now: i64) -> $crate::storage::Result<u64> {
                 let mut tx = self.begin_write().await?;
                 // The feed hears of every live session before it goes.
-                end_sessions!(
+                let ended = end_sessions!(
                     self,
                     tx,
                     $crate::storage::EndReason::UserDeleted,
@@ -216,7 +216,7 @@ macro_rules! impl_user_repository {
                 if let Some(pages) = self.page_cache() {
                     pages.clear();
                 }
-                Ok(())
+                Ok(ended)
             }
 
             async fn set_superuser(
@@ -241,7 +241,7 @@ macro_rules! impl_user_repository {
                 user_id: i64,
                 active: bool,
                 now: i64,
-            ) -> $crate::storage::Result<$crate::storage::UserRecord> {
+            ) -> $crate::storage::Result<($crate::storage::UserRecord, u64)> {
                 let mut tx = self.begin_write().await?;
                 let user = sqlx::query_as::<_, $crate::storage::UserRecord>(
                     "UPDATE users SET is_active = $2, updated_at = $3 WHERE id = $1 RETURNING *",
@@ -252,7 +252,9 @@ macro_rules! impl_user_repository {
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or($crate::storage::StorageError::NotFound("user"))?;
-                if !active {
+                let ended = if active {
+                    0
+                } else {
                     end_sessions!(
                         self,
                         tx,
@@ -260,10 +262,10 @@ macro_rules! impl_user_repository {
                         now,
                         "user_id = $3",
                         user_id,
-                    );
-                }
+                    )
+                };
                 tx.commit().await?;
-                Ok(user)
+                Ok((user, ended))
             }
 
             async fn role_names(&self, user_id: i64) -> $crate::storage::Result<Vec<String>> {
