@@ -58,12 +58,14 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let started = tokio::time::Instant::now();
         let request_id = crate::error::new_request_id();
+        let trace_id = trace_id(request.headers());
         // The call's span: every log line of the handler nests under it.
         let span = tracing::info_span!(
             target: "ai_message::call",
             "call",
             method = %request.uri().path(),
             %request_id,
+            %trace_id,
         );
         let mut inner = take_ready(&mut self.inner);
         let call = async move {
@@ -82,6 +84,39 @@ where
             crate::error::REQUEST_ID.scope(request_id, tracing::Instrument::instrument(call, span)),
         )
     }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`,
+/// from gRPC metadata or an HTTP header: the same header map), or a fresh
+/// one. An exporter (tracing-opentelemetry) would take the parent from the
+/// same header.
+pub fn trace_id(headers: &HeaderMap) -> String {
+    let parent = headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let mut parts = value.trim().split('-');
+            let (version, trace, span, flags) =
+                (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            let hex = |text: &str, length: usize| {
+                text.len() == length && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            };
+            let nonzero = |text: &str| text.bytes().any(|b| b != b'0');
+            (hex(version, 2)
+                && version != "ff"
+                && hex(trace, 32)
+                && nonzero(trace)
+                && hex(span, 16)
+                && nonzero(span)
+                && hex(flags, 2))
+            .then(|| trace.to_owned())
+        });
+    parent.unwrap_or_else(|| {
+        use rand::RngCore as _;
+        let mut bytes = [0u8; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    })
 }
 
 /// Words of tonic's own messages for requests it could not decode
@@ -139,6 +174,29 @@ mod tests {
         headers.insert("grpc-status", HeaderValue::from(code as i32));
         headers.insert("grpc-message", HeaderValue::from_str(message).unwrap());
         headers
+    }
+
+    #[test]
+    fn a_valid_traceparent_keeps_its_trace_id_and_anything_else_gets_a_fresh_one() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("traceparent", HeaderValue::from_str(value).unwrap());
+            trace_id(&headers)
+        };
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(with(&format!("00-{trace}-00f067aa0ba902b7-01")), trace);
+        for bad in [
+            format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
+            format!("00-{trace}-0000000000000000-01"),
+            format!("ff-{trace}-00f067aa0ba902b7-01"),
+            format!("00-{}-00f067aa0ba902b7-01", trace.to_uppercase()),
+            "garbage".to_owned(),
+        ] {
+            let fresh = with(&bad);
+            assert_ne!(fresh, trace, "{bad}");
+            assert_eq!(fresh.len(), 32);
+        }
+        assert_ne!(trace_id(&HeaderMap::new()), trace_id(&HeaderMap::new()));
     }
 
     #[test]
