@@ -157,6 +157,10 @@ pub struct Application {
     stop: watch::Sender<bool>,
     /// Tasks to wait for after the server stops (the event listener).
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// Set to true once the last call is done: the writers below drain.
+    closing: watch::Sender<bool>,
+    /// The group-commit writer and the session-touch writer.
+    writers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -197,7 +201,13 @@ impl Application {
                 None => None,
             };
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Turns true once no call is left: the writers drain and end.
+        let (closing_tx, closing_rx) = watch::channel(false);
+        let (message_writer, writer_task) =
+            MessageWriter::start(Arc::clone(&db), closing_rx.clone());
         let sessions = Arc::new(SessionCache::default());
+        let (authenticator, touch_task) =
+            Authenticator::new(Arc::clone(&db), Arc::clone(&sessions), closing_rx);
         let events = EventHub::new(
             db.event_channel(),
             Arc::clone(&sessions),
@@ -231,11 +241,13 @@ impl Application {
             metrics_listener,
             address,
             stop: stop_tx,
+            closing: closing_tx,
+            writers: vec![writer_task, touch_task],
             background: event_listener.into_iter().collect(),
             state: Arc::new(AppState {
                 throttle: Throttle::new(Arc::clone(&db), &config, Arc::clone(&clock)),
-                message_writer: MessageWriter::start(Arc::clone(&db)),
-                auth: Authenticator::new(Arc::clone(&db), Arc::clone(&sessions)),
+                message_writer,
+                auth: authenticator,
                 clock,
                 db,
                 tokens,
@@ -280,6 +292,8 @@ impl Application {
             state,
             stop: stop_tx,
             mut background,
+            closing,
+            writers,
         } = self;
         let config = &state.config;
 
@@ -417,7 +431,9 @@ impl Application {
             let _ = stop_tx.send(true);
         };
         connections::serve(listener, tls, service, connection_limits, on_shutdown).await;
-        for task in background {
+        // No call is left: what the writers hold is written, then they end.
+        let _ = closing.send(true);
+        for task in background.into_iter().chain(writers) {
             let _ = task.await;
         }
         state.db.close().await;

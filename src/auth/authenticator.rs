@@ -42,11 +42,31 @@ pub struct Caller {
 pub struct Authenticator {
     db: Arc<dyn Database>,
     sessions: Arc<SessionCache>,
+    /// `last_used_at` writes, made by one background task.
+    touches: tokio::sync::mpsc::Sender<(i64, i64)>,
 }
 
+/// Touches waiting at most; beyond, one is skipped (it is retried a minute later).
+const PENDING_TOUCHES: usize = 1024;
+
 impl Authenticator {
-    pub fn new(db: Arc<dyn Database>, sessions: Arc<SessionCache>) -> Self {
-        Self { db, sessions }
+    /// The authenticator and its task that writes `last_used_at`; the task
+    /// writes what is queued and ends once `closing` turns true.
+    pub fn new(
+        db: Arc<dyn Database>,
+        sessions: Arc<SessionCache>,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (touches, queued) = tokio::sync::mpsc::channel(PENDING_TOUCHES);
+        let task = tokio::spawn(touch_sessions(Arc::clone(&db), queued, closing));
+        (
+            Self {
+                db,
+                sessions,
+                touches,
+            },
+            task,
+        )
     }
 
     /// The caller behind `bearer` (the interceptor's verdict; `None` when no
@@ -143,11 +163,40 @@ impl Authenticator {
     /// for the write, and a failure only leaves `last_used_at` a little older.
     fn mark_session_used(&self, session_id: i64, now: i64) {
         self.sessions.mark_used(session_id, now);
-        let db = Arc::clone(&self.db);
-        tokio::spawn(async move {
+        // A full queue skips this touch: the next call a minute on retries.
+        let _ = self.touches.try_send((session_id, now));
+    }
+}
+
+/// Writes queued `last_used_at` touches until `closing`, then the rest.
+async fn touch_sessions(
+    db: Arc<dyn Database>,
+    mut queued: tokio::sync::mpsc::Receiver<(i64, i64)>,
+    closing: tokio::sync::watch::Receiver<bool>,
+) {
+    let touch = |(session_id, now): (i64, i64)| {
+        let db = Arc::clone(&db);
+        async move {
             if let Err(error) = db.touch_session(session_id, now).await {
                 tracing::debug!(session_id, error = %error, "could not update last_used_at");
             }
-        });
+        }
+    };
+    let closing = crate::storage::batch::closing(closing);
+    tokio::pin!(closing);
+    loop {
+        tokio::select! {
+            next = queued.recv() => match next {
+                Some(item) => touch(item).await,
+                None => return,
+            },
+            () = &mut closing => {
+                queued.close();
+                while let Some(item) = queued.recv().await {
+                    touch(item).await;
+                }
+                return;
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Database, MessageRecord, NewMessage, Result, StorageError};
 
@@ -24,12 +24,24 @@ pub struct MessageWriter {
     queue: mpsc::Sender<Pending>,
 }
 
+/// Resolves once `closing` turns true; never if its sender is gone.
+pub async fn closing(mut closing: watch::Receiver<bool>) {
+    if closing.wait_for(|closing| *closing).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 impl MessageWriter {
-    /// Starts the writer task; it ends when the last `MessageWriter` is dropped.
-    pub fn start(db: Arc<dyn Database>) -> Self {
+    /// Starts the writer task. When `closing` turns true (the server has no
+    /// call left), it writes what is queued, refuses the rest and ends; the
+    /// handle is awaited by the shutdown.
+    pub fn start(
+        db: Arc<dyn Database>,
+        closing: watch::Receiver<bool>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, pending) = mpsc::channel(QUEUE);
-        tokio::spawn(write_batches(db, pending));
-        Self { queue }
+        let task = tokio::spawn(write_batches(db, pending, closing));
+        (Self { queue }, task)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(sender_id = message.sender_id, recipient_id = message.recipient_id))]
@@ -45,27 +57,53 @@ impl MessageWriter {
     }
 }
 
-async fn write_batches(db: Arc<dyn Database>, mut pending: mpsc::Receiver<Pending>) {
+async fn write_batches(
+    db: Arc<dyn Database>,
+    mut pending: mpsc::Receiver<Pending>,
+    closing_signal: watch::Receiver<bool>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (messages, replies): (Vec<NewMessage>, Vec<_>) =
-            batch.drain(..).map(|p| (p.message, p.reply)).unzip();
-        let alone = messages.clone();
-        match db.insert_messages(messages).await {
-            Ok(answers) => {
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
+    let closing = closing(closing_signal);
+    tokio::pin!(closing);
+    loop {
+        tokio::select! {
+            received = pending.recv_many(&mut batch, MAX_BATCH) => {
+                if received == 0 {
+                    return;
                 }
+                write_batch(db.as_ref(), &mut batch).await;
             }
-            Err(error) if replies.len() == 1 => {
-                if let Some(reply) = replies.into_iter().next() {
-                    let _ = reply.send(Err(error));
+            () = &mut closing => {
+                // Nothing new gets in; what is queued is still written.
+                pending.close();
+                while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                    write_batch(db.as_ref(), &mut batch).await;
                 }
+                return;
             }
-            Err(_) => {
-                for (reply, message) in replies.into_iter().zip(alone) {
-                    let _ = reply.send(db.insert_message(message).await);
-                }
+        }
+    }
+}
+
+/// Writes one batch and answers each of its callers.
+async fn write_batch(db: &dyn Database, batch: &mut Vec<Pending>) {
+    let (messages, replies): (Vec<NewMessage>, Vec<_>) =
+        batch.drain(..).map(|p| (p.message, p.reply)).unzip();
+    let alone = messages.clone();
+    match db.insert_messages(messages).await {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        }
+        Err(error) if replies.len() == 1 => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(error));
+            }
+        }
+        Err(_) => {
+            for (reply, message) in replies.into_iter().zip(alone) {
+                let _ = reply.send(db.insert_message(message).await);
             }
         }
     }

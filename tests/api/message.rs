@@ -1032,7 +1032,8 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
     app.execute("UPDATE users SET is_active = TRUE WHERE id = $1", bob.id)
         .await;
     // Through the writer, queued together, only the bad one fails.
-    let writer = MessageWriter::start(std::sync::Arc::clone(&app.state.db));
+    let (_closing, never) = tokio::sync::watch::channel(false);
+    let (writer, _task) = MessageWriter::start(std::sync::Arc::clone(&app.state.db), never);
     let (good, bad) = tokio::join!(
         writer.insert(message(ann.id, bob.id, "fine")),
         writer.insert(message(987_654, bob.id, "orphan"))

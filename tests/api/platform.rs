@@ -27,6 +27,7 @@ backend_tests!(
     undecodable_requests_are_invalid_argument,
     bearer_services_refuse_missing_and_forged_tokens,
     shutdown_finishes_cleanly,
+    sends_in_flight_at_shutdown_are_answered_and_every_ok_one_is_stored,
 );
 
 #[tokio::test]
@@ -230,6 +231,68 @@ async fn shutdown_finishes_cleanly(backend: Backend) {
     app.register("last-call").await;
     // `stop` fails the test unless the server returns Ok within 10 seconds.
     app.stop().await;
+}
+
+/// Sends in flight when a server shuts down: the shutdown waits for them and
+/// for the group-commit writer, so every message answered OK is stored.
+async fn sends_in_flight_at_shutdown_are_answered_and_every_ok_one_is_stored(backend: Backend) {
+    let keeper = spawn_app(backend).await;
+    let ann = keeper.register_and_login("ann").await;
+    let bob = keeper.register_and_login("bob").await;
+    let leaving = keeper.spawn_sibling().await;
+    // The connection is up before the load starts.
+    leaving
+        .send_text(&ann, bob.user_id, "warm-up")
+        .await
+        .unwrap();
+    let sends: Vec<_> = (0..200)
+        .map(|i| {
+            let mut messages = leaving.messages.clone();
+            let token = ann.access_token.clone();
+            tokio::spawn(async move {
+                messages
+                    .send_message(crate::helpers::with_bearer(
+                        proto::SendMessageRequest {
+                            recipient_id: bob.user_id,
+                            content: format!("in flight {i}"),
+                            parent_id: None,
+                            conversation_id: None,
+                        },
+                        &token,
+                    ))
+                    .await
+                    .map(|answer| answer.into_inner().message.unwrap().id)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    leaving.stop().await;
+    let mut stored = Vec::new();
+    for send in sends {
+        match send.await.unwrap() {
+            Ok(id) => stored.push(id),
+            // Refused once the server stopped taking calls: UNAVAILABLE from
+            // the server, or the client's own error for a stream the GOAWAY
+            // left unprocessed (tonic calls that INTERNAL, with the transport
+            // error as its source: the server never answered it).
+            Err(status) => assert!(
+                matches!(status.code(), Code::Unavailable | Code::Cancelled)
+                    || std::error::Error::source(&status).is_some(),
+                "{status:?}"
+            ),
+        }
+    }
+    eprintln!("{} of 200 answered OK before the shutdown", stored.len());
+    for id in stored {
+        assert_eq!(
+            keeper
+                .count("SELECT COUNT(*) FROM messages WHERE id = $1", id)
+                .await,
+            1,
+            "message {id} was answered OK"
+        );
+    }
+    keeper.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
