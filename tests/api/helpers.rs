@@ -69,7 +69,7 @@ pub struct PostgresDatabase {
 }
 
 impl PostgresDatabase {
-    async fn create() -> Self {
+    pub async fn create() -> Self {
         let admin_url = std::env::var(POSTGRES_URL_VAR).unwrap();
         let name = format!("ai_message_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&admin_url)

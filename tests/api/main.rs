@@ -11,6 +11,7 @@
 mod helpers;
 mod auth;
 mod cli;
+mod crash;
 mod errors;
 mod faults;
 mod fuzz;
