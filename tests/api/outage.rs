@@ -185,6 +185,8 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
     let root = a.superuser("root").await;
     let early = a.register_and_login("early").await;
     let late = a.register_and_login("late").await;
+    let revoked_meanwhile = a.register_and_login("meanwhile").await;
+    assert!(b.get_me(&revoked_meanwhile.access_token).await.is_ok());
     let mut feed = crate::errors::watch(&b, &root.access_token, "")
         .await
         .unwrap();
@@ -233,6 +235,30 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
         .logout(with_bearer(proto::LogoutRequest {}, &late.access_token))
         .await
         .unwrap();
+    // A revocation on A while B is cut off.
+    a.auth
+        .clone()
+        .logout(with_bearer(
+            proto::LogoutRequest {},
+            &revoked_meanwhile.access_token,
+        ))
+        .await
+        .unwrap();
+    // While cut, B's calls are UNAVAILABLE, never INTERNAL or UNKNOWN.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = Instant::now();
+    loop {
+        let status = b.get_me(&bob.access_token).await.unwrap_err();
+        assert!(
+            !matches!(status.code(), Code::Internal | Code::Unknown),
+            "{status:?}"
+        );
+        if status.code() == Code::Unavailable {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for n in 0..5 {
         a.send_text(&ann, bob.user_id, &format!("during the cut {n}"))
             .await
@@ -245,7 +271,18 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
     // Back: SERVING only once B listens again, so a stream opened the moment
     // health says SERVING receives the very next message.
     open.send_replace(true);
-    wait_for_health(&b, ServingStatus::Serving, Duration::from_secs(10)).await;
+    wait_for_health(&b, ServingStatus::Serving, Duration::from_secs(5)).await;
+    // The revocation made on A during the cut is enforced on B now.
+    let refused = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if b.get_me(&revoked_meanwhile.access_token).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "B still accepts a session revoked on A");
     // Resumed from its cursor, the feed brings the revocation made during the cut.
     let mut feed = crate::errors::watch(&b, &root.access_token, &seen.cursor)
         .await
