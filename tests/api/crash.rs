@@ -428,7 +428,7 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
     for task in load {
         let _ = task.await;
     }
-    let failures = failures.lock().unwrap();
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
     assert!(failures.is_empty(), "{failures:#?}");
     assert_eq!(store.sqlite_integrity().await.as_deref(), Some("ok"));
 }
