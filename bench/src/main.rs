@@ -79,6 +79,9 @@ struct Options {
     /// bcrypt cost of the server (the Login scenarios measure it).
     #[arg(long, default_value_t = 12)]
     bcrypt_cost: u32,
+    /// Seconds of the `soak` scenario (a mixed load, sampled every 10 s).
+    #[arg(long, default_value_t = 600)]
+    soak_seconds: u64,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -268,7 +271,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     let log_bytes = options
         .scenarios
         .iter()
-        .any(|s| s == "logs")
+        .any(|s| s == "logs" || s == "soak")
         .then(count_log_bytes);
     let mut config = Config::for_tests(target.clone());
     config.bcrypt_cost = options.bcrypt_cost;
@@ -278,6 +281,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     let app = Application::build(config).await?;
     let port = app.port();
     let seeder = Seeder::new(&app)?;
+    let seeder_state = app.state();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
@@ -442,6 +446,21 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     name: "ValidateToken".into(),
                     sample,
                 });
+            }
+            "soak" => {
+                let Some(bytes) = &log_bytes else { continue };
+                let state = Arc::clone(&seeder_state);
+                let lines = soak(
+                    &channels,
+                    &tokens,
+                    &ids,
+                    password,
+                    state,
+                    Arc::clone(bytes),
+                    Duration::from_secs(options.soak_seconds),
+                )
+                .await?;
+                summary.extend(lines);
             }
             "metrics-overhead" => {
                 let (off, on) = metrics_overhead(&dir, concurrency, duration).await?;
@@ -759,6 +778,187 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
 #[path = "../../examples/verifier/verifier.rs"]
 #[allow(dead_code)]
 mod verifier;
+
+/// Threads of this process.
+fn thread_count() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("Threads:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A mixed load for `duration` (Login at the configured bcrypt cost,
+/// RefreshToken, GetMe, SendMessage, ListMessages, 50 open streams), sampled
+/// every 10 s: RSS, open descriptors, threads, database connections and log
+/// bytes; then whether each stayed flat after the first third.
+async fn soak(
+    channels: &[Channel],
+    tokens: &Arc<Vec<String>>,
+    ids: &Arc<Vec<i64>>,
+    password: &'static str,
+    state: Arc<ai_message::services::AppState>,
+    log_bytes: Arc<std::sync::atomic::AtomicU64>,
+    duration: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    // 50 streams, open throughout.
+    for i in 0..50 {
+        let mut client = MessageServiceClient::new(channels[i % channels.len()].clone());
+        let token = tokens[i % tokens.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if let Ok(stream) = client.stream_messages(bearer(proto::StreamMessagesRequest {}, &token)).await {
+                    let mut stream = stream.into_inner();
+                    while Instant::now() < deadline {
+                        match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+                            Ok(Ok(Some(_))) | Err(_) => {}
+                            Ok(_) => break,
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    // Callers of each kind, paced so that none starves the others.
+    for kind in 0..5 {
+        for worker in 0..4 {
+            let channel = channels[(kind + worker) % channels.len()].clone();
+            let (tokens, ids) = (Arc::clone(tokens), Arc::clone(ids));
+            tasks.push(tokio::spawn(async move {
+                let mut auth = AuthServiceClient::new(channel.clone());
+                let mut messages = MessageServiceClient::new(channel);
+                let mut refresh: Option<String> = None;
+                let mut n = 0usize;
+                while Instant::now() < deadline {
+                    n += 1;
+                    let from = (worker + n) % tokens.len();
+                    match kind {
+                        0 => {
+                            let login = auth
+                                .login(proto::LoginRequest {
+                                    username: format!("bench{from}"),
+                                    password: password.into(),
+                                    device_info: None,
+                                })
+                                .await;
+                            if let Ok(login) = login {
+                                refresh = Some(login.into_inner().refresh_token);
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        1 => {
+                            if refresh.is_none() {
+                                refresh = auth
+                                    .login(proto::LoginRequest {
+                                        username: format!("bench{from}"),
+                                        password: password.into(),
+                                        device_info: None,
+                                    })
+                                    .await
+                                    .ok()
+                                    .map(|l| l.into_inner().refresh_token);
+                            }
+                            if let Some(token) = refresh.take() {
+                                refresh = auth
+                                    .refresh_token(proto::RefreshTokenRequest { refresh_token: token })
+                                    .await
+                                    .ok()
+                                    .map(|r| r.into_inner().refresh_token);
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        2 => {
+                            let _ = auth.get_me(bearer(proto::GetMeRequest {}, &tokens[from])).await;
+                        }
+                        3 => {
+                            let to = ids[(from + 1) % ids.len()];
+                            let _ = messages
+                                .send_message(bearer(
+                                    proto::SendMessageRequest {
+                                        recipient_id: to,
+                                        content: "soak".into(),
+                                        parent_id: None,
+                                        conversation_id: None,
+                                    },
+                                    &tokens[from],
+                                ))
+                                .await;
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        _ => {
+                            let _ = messages
+                                .list_messages(bearer(
+                                    proto::ListMessagesRequest {
+                                        page_size: 20,
+                                        ..Default::default()
+                                    },
+                                    &tokens[from],
+                                ))
+                                .await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    struct Probe {
+        at: u64,
+        rss_mib: f64,
+        fds: u64,
+        threads: u64,
+        connections: usize,
+        log_bytes: u64,
+    }
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(10).min(deadline.saturating_duration_since(Instant::now()))).await;
+        let pool = state.db.pool_state();
+        samples.push(Probe {
+            at: started.elapsed().as_secs(),
+            rss_mib: status_mib("self", "VmRSS:"),
+            fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
+            threads: thread_count(),
+            connections: pool.idle + pool.in_use,
+            log_bytes: log_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        });
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let mut lines = vec![format!(
+        "soak, {} s (server and load generator in one process): t s, RSS MiB, fds, threads, db connections, log bytes",
+        duration.as_secs()
+    )];
+    for probe in &samples {
+        lines.push(format!(
+            "  {:>5} {:>8.1} {:>6} {:>6} {:>6} {:>10}",
+            probe.at, probe.rss_mib, probe.fds, probe.threads, probe.connections, probe.log_bytes
+        ));
+    }
+    if let (Some(base), Some(last)) = (samples.get(samples.len() / 3), samples.last()) {
+        let flat = |name: &str, from: f64, to: f64, slack: f64| {
+            format!(
+                "  {name}: {from:.1} -> {to:.1} after the first third: {}",
+                if to <= from * (1.0 + slack) + 1.0 { "flat" } else { "GROWING" }
+            )
+        };
+        lines.push(flat("RSS MiB", base.rss_mib, last.rss_mib, 0.10));
+        lines.push(flat("open fds", base.fds as f64, last.fds as f64, 0.05));
+        lines.push(flat("threads", base.threads as f64, last.threads as f64, 0.0));
+        lines.push(flat("db connections", base.connections as f64, last.connections as f64, 0.0));
+        let rate = |probe: &Probe| probe.log_bytes as f64 / probe.at.max(1) as f64;
+        lines.push(flat("log bytes/s", rate(base), rate(last), 0.25));
+    }
+    Ok(lines)
+}
 
 /// GetMe calls a second on two fresh servers, metrics off and on
 /// (AI_MESSAGE_METRICS_ADDR set), alternating three rounds each in one run;
