@@ -814,7 +814,10 @@ async fn soak(
         let token = tokens[i % tokens.len()].clone();
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                if let Ok(stream) = client.stream_messages(bearer(proto::StreamMessagesRequest {}, &token)).await {
+                if let Ok(stream) = client
+                    .stream_messages(bearer(proto::StreamMessagesRequest {}, &token))
+                    .await
+                {
                     let mut stream = stream.into_inner();
                     while Instant::now() < deadline {
                         match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
@@ -867,7 +870,9 @@ async fn soak(
                             }
                             if let Some(token) = refresh.take() {
                                 refresh = auth
-                                    .refresh_token(proto::RefreshTokenRequest { refresh_token: token })
+                                    .refresh_token(proto::RefreshTokenRequest {
+                                        refresh_token: token,
+                                    })
                                     .await
                                     .ok()
                                     .map(|r| r.into_inner().refresh_token);
@@ -875,7 +880,9 @@ async fn soak(
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                         2 => {
-                            let _ = auth.get_me(bearer(proto::GetMeRequest {}, &tokens[from])).await;
+                            let _ = auth
+                                .get_me(bearer(proto::GetMeRequest {}, &tokens[from]))
+                                .await;
                         }
                         3 => {
                             let to = ids[(from + 1) % ids.len()];
@@ -919,7 +926,10 @@ async fn soak(
     let mut samples = Vec::new();
     let started = Instant::now();
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(10).min(deadline.saturating_duration_since(Instant::now()))).await;
+        tokio::time::sleep(
+            Duration::from_secs(10).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
         let pool = state.db.pool_state();
         samples.push(Probe {
             at: started.elapsed().as_secs(),
@@ -947,13 +957,27 @@ async fn soak(
         let flat = |name: &str, from: f64, to: f64, slack: f64| {
             format!(
                 "  {name}: {from:.1} -> {to:.1} after the first third: {}",
-                if to <= from * (1.0 + slack) + 1.0 { "flat" } else { "GROWING" }
+                if to <= from * (1.0 + slack) + 1.0 {
+                    "flat"
+                } else {
+                    "GROWING"
+                }
             )
         };
         lines.push(flat("RSS MiB", base.rss_mib, last.rss_mib, 0.10));
         lines.push(flat("open fds", base.fds as f64, last.fds as f64, 0.05));
-        lines.push(flat("threads", base.threads as f64, last.threads as f64, 0.0));
-        lines.push(flat("db connections", base.connections as f64, last.connections as f64, 0.0));
+        lines.push(flat(
+            "threads",
+            base.threads as f64,
+            last.threads as f64,
+            0.0,
+        ));
+        lines.push(flat(
+            "db connections",
+            base.connections as f64,
+            last.connections as f64,
+            0.0,
+        ));
         let rate = |probe: &Probe| probe.log_bytes as f64 / probe.at.max(1) as f64;
         lines.push(flat("log bytes/s", rate(base), rate(last), 0.25));
     }
