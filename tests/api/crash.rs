@@ -124,7 +124,7 @@ async fn login(channel: &Channel, username: &str) -> proto::LoginResponse {
             device_info: None,
         })
         .await
-        .unwrap()
+        .unwrap_or_else(|status| panic!("{username} could not log in: {status:?}"))
         .into_inner()
 }
 

@@ -23,6 +23,7 @@ backend_tests!(
     wrong_current_passwords_count_toward_the_account,
     every_rpc_without_credentials_is_unauthenticated_except_the_allowlist,
     every_credential_path_refuses_a_disabled_user_and_a_revoked_session,
+    concurrent_logins_of_one_account_from_one_address_all_succeed,
     audit_events_are_logged_without_passwords_or_tokens,
     a_database_failure_reaches_the_client_without_driver_text,
     calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no_slot,
@@ -401,6 +402,41 @@ async fn every_rpc_without_credentials_is_unauthenticated_except_the_allowlist(b
             Some(Code::Unauthenticated),
             "{path} answered {code:?} without credentials"
         );
+    }
+    app.stop().await;
+}
+
+/// Many devices logging in at once as one user, from one address (a NAT):
+/// the throttle's row locks never deadlock them (found by the crash test:
+/// the success path once locked the account row before the address row).
+async fn concurrent_logins_of_one_account_from_one_address_all_succeed(backend: Backend) {
+    // Attempts count until they succeed; a limit above the crowd keeps the
+    // throttle itself out of this test.
+    let app = spawn_app_with(backend, |c| {
+        c.bcrypt_cost = 4;
+        c.login_account_failures = 1000;
+    })
+    .await;
+    app.register("crowd").await;
+    for _ in 0..5 {
+        let logins: Vec<_> = (0..16)
+            .map(|_| {
+                let mut auth = app.auth.clone();
+                tokio::spawn(async move {
+                    auth.login(proto::LoginRequest {
+                        username: "crowd".into(),
+                        password: PASSWORD.into(),
+                        device_info: None,
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for login in logins {
+            if let Err(status) = login.await.unwrap() {
+                panic!("a concurrent login failed: {status:?}");
+            }
+        }
     }
     app.stop().await;
 }

@@ -95,12 +95,9 @@ macro_rules! impl_throttle_repository {
                 address: Option<&str>,
             ) -> $crate::storage::Result<()> {
                 let mut tx = self.begin_write().await?;
-                if let Some(account_key) = account_key {
-                    sqlx::query("DELETE FROM login_account_throttle WHERE account_key = $1")
-                        .bind(account_key) // $1
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                // Rows are locked in `reserve_attempt`'s order (address, then
+                // account): the other order deadlocks two concurrent logins
+                // of one account from one address on PostgreSQL.
                 if let Some(address) = address {
                     sqlx::query(
                         "UPDATE login_address_throttle SET failures = failures - 1 \
@@ -109,6 +106,12 @@ macro_rules! impl_throttle_repository {
                     .bind(address) // $1
                     .execute(&mut *tx)
                     .await?;
+                }
+                if let Some(account_key) = account_key {
+                    sqlx::query("DELETE FROM login_account_throttle WHERE account_key = $1")
+                        .bind(account_key) // $1
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await?;
                 Ok(())
