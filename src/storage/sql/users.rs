@@ -181,6 +181,12 @@ macro_rules! impl_user_repository {
 
             async fn delete_user(&self, user_id: i64, now: i64) -> $crate::storage::Result<u64> {
                 let mut tx = self.begin_write().await?;
+                // The user's row first, as ChangePassword and DisableUser take
+                // it before the revocation log's lock: one order, no deadlock.
+                sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
+                    .bind(user_id) // $1
+                    .execute(&mut *tx)
+                    .await?;
                 // The feed hears of every live session before it goes.
                 let ended = end_sessions!(
                     self,
