@@ -39,6 +39,16 @@ pub struct Caller {
     pub peer: Option<IpAddr>,
 }
 
+impl Caller {
+    /// How long the caller's session has left at `now` (zero once past):
+    /// a stream it opens ends then.
+    pub fn session_time_left(&self, now: Timestamp) -> std::time::Duration {
+        std::time::Duration::from_micros(
+            u64::try_from(self.session_expires_at - now.micros()).unwrap_or(0),
+        )
+    }
+}
+
 pub struct Authenticator {
     db: Arc<dyn Database>,
     sessions: Arc<SessionCache>,

@@ -466,9 +466,7 @@ impl MessageService for MessageApi {
                 Status::unavailable("real-time events are interrupted; retry shortly")
             })?;
         let now = tokio::time::Instant::now();
-        let until_expiry = Duration::from_micros(
-            u64::try_from(caller.session_expires_at - self.state.clock.now().micros()).unwrap_or(0),
-        );
+        let until_expiry = caller.session_time_left(self.state.clock.now());
         let feed = StreamFeed {
             _open: self.state.metrics.stream_opened("StreamMessages"),
             state: Arc::clone(&self.state),

@@ -119,6 +119,15 @@ pub fn trace_id(headers: &HeaderMap) -> String {
     })
 }
 
+/// The code in a `grpc-status` header, if there is one.
+fn grpc_code(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
 /// Words of tonic's own messages for requests it could not decode
 /// (protobuf errors, bad framing or compression flags, truncated bodies).
 const CODEC_WORDS: [&str; 4] = ["decod", "protocol", "decompress", "EOF"];
@@ -127,12 +136,7 @@ const CODEC_WORDS: [&str; 4] = ["decod", "protocol", "decompress", "EOF"];
 /// requests, and returns the call's code as sent in the headers (a unary
 /// error is always "trailers-only", so it is there; OK otherwise).
 fn correct_status(headers: &mut HeaderMap) -> Code {
-    let Some(code) = headers
-        .get("grpc-status")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<i32>().ok())
-        .map(Code::from_i32)
-    else {
+    let Some(code) = grpc_code(headers) else {
         return Code::Ok;
     };
     let message = headers
@@ -615,11 +619,7 @@ fn record_end(
     headers: Option<&HeaderMap>,
     started: tokio::time::Instant,
 ) {
-    let code = headers
-        .and_then(|headers| headers.get("grpc-status"))
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<i32>().ok())
-        .map_or(Code::Unknown, Code::from_i32);
+    let code = headers.and_then(grpc_code).unwrap_or(Code::Unknown);
     if let Some(rpc) = metrics.rpc(path) {
         rpc.handled(code, started.elapsed());
     }

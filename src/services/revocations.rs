@@ -108,9 +108,7 @@ pub async fn watch(
         }
         id
     };
-    let until_expiry = Duration::from_micros(
-        u64::try_from(caller.session_expires_at - state.clock.now().micros()).unwrap_or(0),
-    );
+    let until_expiry = caller.session_time_left(state.clock.now());
     let feed = Feed {
         _open: state.metrics.stream_opened("WatchRevocations"),
         connected,

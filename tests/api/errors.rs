@@ -271,21 +271,8 @@ async fn overload_and_oversized_requests_name_their_reasons(backend: Backend) {
     })
     .await;
     app.register("kim").await;
-    let logins: Vec<_> = (0..40)
-        .map(|_| {
-            let mut auth = app.auth.clone();
-            tokio::spawn(async move {
-                auth.login(proto::LoginRequest {
-                    username: "kim".into(),
-                    password: PASSWORD.into(),
-                    device_info: None,
-                })
-                .await
-            })
-        })
-        .collect();
     let mut shed = None;
-    for login in logins {
+    for login in app.spawn_logins("kim", 40) {
         if let Err(status) = login.await.unwrap() {
             shed = Some(status);
         }

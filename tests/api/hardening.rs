@@ -419,20 +419,7 @@ async fn concurrent_logins_of_one_account_from_one_address_all_succeed(backend: 
     .await;
     app.register("crowd").await;
     for _ in 0..5 {
-        let logins: Vec<_> = (0..16)
-            .map(|_| {
-                let mut auth = app.auth.clone();
-                tokio::spawn(async move {
-                    auth.login(proto::LoginRequest {
-                        username: "crowd".into(),
-                        password: PASSWORD.into(),
-                        device_info: None,
-                    })
-                    .await
-                })
-            })
-            .collect();
-        for login in logins {
+        for login in app.spawn_logins("crowd", 16) {
             if let Err(status) = login.await.unwrap() {
                 panic!("a concurrent login failed: {status:?}");
             }
@@ -805,20 +792,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no
 }
 
 async fn parallel_logins(app: &TestApp, calls: usize) -> (usize, usize) {
-    let tasks = (0..calls)
-        .map(|_| {
-            let mut auth = app.auth.clone();
-            tokio::spawn(async move {
-                auth.login(proto::LoginRequest {
-                    username: "kim".into(),
-                    password: PASSWORD.into(),
-                    device_info: None,
-                })
-                .await
-            })
-        })
-        .collect();
-    tally(tasks).await
+    tally(app.spawn_logins("kim", calls)).await
 }
 
 async fn password_hashing_beyond_the_pending_limit_is_shed_and_below_it_waits(backend: Backend) {

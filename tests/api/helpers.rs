@@ -392,6 +392,28 @@ impl TestApp {
         WriteLock(conn)
     }
 
+    /// `count` Logins of `username` (with the right password) at once.
+    pub fn spawn_logins(
+        &self,
+        username: &str,
+        count: usize,
+    ) -> Vec<JoinHandle<Result<tonic::Response<proto::LoginResponse>, Status>>> {
+        (0..count)
+            .map(|_| {
+                let mut auth = self.auth.clone();
+                let username = username.to_owned();
+                tokio::spawn(async move {
+                    auth.login(proto::LoginRequest {
+                        username,
+                        password: PASSWORD.to_owned(),
+                        device_info: None,
+                    })
+                    .await
+                })
+            })
+            .collect()
+    }
+
     /// Logs `username` in once its throttle delay is over (ended by hand, as
     /// if the time had passed); returns the access token.
     pub async fn login_after_throttle(&self, username: &str) -> String {
