@@ -219,7 +219,8 @@ fn bearer<T>(message: T, token: &str) -> Request<T> {
 }
 
 /// A `/proc/<process>/status` figure (`VmHWM:` peak, `VmRSS:` now), in MiB.
-fn status_mib(process: &str, field: &str) -> f64 {
+/// A numeric field of `/proc/<process>/status` (`VmRSS:`, `Threads:`).
+fn status_field(process: &str, field: &str) -> Option<f64> {
     std::fs::read_to_string(format!("/proc/{process}/status"))
         .ok()
         .and_then(|status| {
@@ -227,9 +228,12 @@ fn status_mib(process: &str, field: &str) -> f64 {
                 .lines()
                 .find(|line| line.starts_with(field))
                 .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
+                .and_then(|value| value.parse::<f64>().ok())
         })
-        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn status_mib(process: &str, field: &str) -> f64 {
+    status_field(process, field).map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn peak_rss_mib() -> f64 {
@@ -781,16 +785,7 @@ mod verifier;
 
 /// Threads of this process.
 fn thread_count() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("Threads:"))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    status_field("self", "Threads:").map_or(0, |threads| threads as u64)
 }
 
 /// A mixed load for `duration` (Login at the configured bcrypt cost,
