@@ -159,6 +159,9 @@ pub struct Config {
     /// `AI_MESSAGE_VALIDATION_CACHE_TTL`: ValidateToken's `cache_until` is at
     /// most this far ahead; default 1 s.
     pub validation_cache_ttl: Duration,
+    /// `AI_MESSAGE_EVENT_RETENTION`: how long message events stay
+    /// replayable by StreamMessages' `after_event_id`; default 7 days.
+    pub event_retention: Duration,
     /// `AI_MESSAGE_METRICS_ADDR`: where `GET /metrics` listens; default none (off).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// HTTP/2 and gRPC limits (additions to the contract's variables).
@@ -238,6 +241,7 @@ impl Config {
             signing_key_file: None,
             verify_key_files: Vec::new(),
             validation_cache_ttl: Duration::from_secs(1),
+            event_retention: Duration::from_secs(7 * 24 * 3600),
             metrics_addr: None,
             transport: TransportLimits::default(),
         }
@@ -405,6 +409,7 @@ impl Config {
                 "AI_MESSAGE_VALIDATION_CACHE_TTL",
                 defaults.validation_cache_ttl,
             )?,
+            event_retention: duration("AI_MESSAGE_EVENT_RETENTION", defaults.event_retention)?,
             metrics_addr: match get("AI_MESSAGE_METRICS_ADDR") {
                 Some(text) => Some(text.trim().parse().map_err(|_| {
                     bad(
@@ -758,6 +763,7 @@ mod tests {
             "AI_MESSAGE_SIGNING_KEY_FILE",
             "AI_MESSAGE_VERIFY_KEY_FILES",
             "AI_MESSAGE_VALIDATION_CACHE_TTL",
+            "AI_MESSAGE_EVENT_RETENTION",
             "AI_MESSAGE_METRICS_ADDR",
         ] {
             assert!(
@@ -773,8 +779,10 @@ mod tests {
             ("AI_MESSAGE_SIGNING_KEY_FILE", " /keys/now.pem "),
             ("AI_MESSAGE_VERIFY_KEY_FILES", "/keys/a.pem, /keys/b.pem,"),
             ("AI_MESSAGE_VALIDATION_CACHE_TTL", "2s"),
+            ("AI_MESSAGE_EVENT_RETENTION", "3d"),
         ])
         .unwrap();
+        assert_eq!(c.event_retention, Duration::from_secs(3 * 24 * 3600));
         assert_eq!(c.signing_key_file, Some(PathBuf::from("/keys/now.pem")));
         assert_eq!(
             c.verify_key_files,

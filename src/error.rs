@@ -198,6 +198,10 @@ impl From<StorageError> for AppError {
                 Reason::RecipientDisabled,
                 crate::domain::message::RECIPIENT_DISABLED,
             ),
+            StorageError::RequestMismatch(field) => Self::invalid(
+                field,
+                "was used for a different message in the last 24 hours; use a new one",
+            ),
             StorageError::Unavailable(source) => Self::Unavailable(source.into()),
             StorageError::Internal(source) => Self::Internal(source.into()),
         }

@@ -23,26 +23,19 @@ use tokio::sync::{broadcast, watch};
 use crate::{
     auth::cache::SessionCache,
     domain::Clock,
-    storage::{EventChannel, MessageRecord},
+    storage::{EventChannel, LoggedChange},
 };
+
+pub use crate::storage::MessageChange;
 
 /// Events kept per user for slow subscribers before they count as lagging.
 pub const USER_CHANNEL_CAPACITY: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MessageChange {
-    Created,
-    Read,
-    Deleted,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubEvent {
-    /// A message changed; delivered to its sender and its recipient.
-    Message {
-        change: MessageChange,
-        message: MessageRecord,
-    },
+    /// A message changed; delivered to its sender and its recipient, each
+    /// with the event id it got in their log.
+    Message(LoggedChange),
     /// The user, their sessions or their roles changed (a revocation among
     /// others): caches forget the user and open streams re-check their session.
     UserChanged { user_id: i64 },
@@ -54,9 +47,10 @@ impl HubEvent {
     /// The users whose streams receive the event (once each).
     fn audience(&self) -> impl Iterator<Item = i64> {
         let users = match self {
-            Self::Message { message, .. } => [
-                Some(message.sender_id),
-                (message.recipient_id != message.sender_id).then_some(message.recipient_id),
+            Self::Message(logged) => [
+                Some(logged.message.sender_id),
+                (logged.message.recipient_id != logged.message.sender_id)
+                    .then_some(logged.message.recipient_id),
             ],
             Self::UserChanged { user_id } => [Some(*user_id), None],
             Self::AllUsersChanged => [None, None],
@@ -210,7 +204,7 @@ impl EventHub {
                 self.sessions.clear();
                 self.revocations.send_modify(|n| *n = n.wrapping_add(1));
             }
-            HubEvent::Message { .. } => {}
+            HubEvent::Message(_) => {}
         }
         let channels = self.lock();
         for user_id in event.audience() {
@@ -245,8 +239,8 @@ impl EventHub {
 mod tests {
     use super::*;
 
-    fn message(sender_id: i64, recipient_id: i64) -> MessageRecord {
-        MessageRecord {
+    fn message(sender_id: i64, recipient_id: i64) -> crate::storage::MessageRecord {
+        crate::storage::MessageRecord {
             id: 1,
             sender_id,
             recipient_id,
@@ -256,7 +250,17 @@ mod tests {
             conversation_id: "c".into(),
             created_at: 0,
             read_at: None,
+            edited_at: None,
+            reply_count: 0,
         }
+    }
+
+    fn logged(change: MessageChange, sender_id: i64, recipient_id: i64) -> HubEvent {
+        HubEvent::Message(LoggedChange {
+            change,
+            message: message(sender_id, recipient_id),
+            event_ids: vec![(sender_id, 1), (recipient_id, 1)],
+        })
     }
 
     /// A hub with no remote channel (one process, as with SQLite).
@@ -274,11 +278,7 @@ mod tests {
         let mut sender = hub.subscribe(1).unwrap();
         let mut recipient = hub.subscribe(2).unwrap();
         let mut stranger = hub.subscribe(3).unwrap();
-        hub.publish(HubEvent::Message {
-            change: MessageChange::Created,
-            message: message(1, 2),
-        })
-        .await;
+        hub.publish(logged(MessageChange::Created, 1, 2)).await;
         assert!(sender.receiver.try_recv().is_ok());
         assert!(recipient.receiver.try_recv().is_ok());
         assert!(stranger.receiver.try_recv().is_err());
@@ -288,11 +288,7 @@ mod tests {
     async fn a_note_to_oneself_arrives_once() {
         let hub = local_hub();
         let mut me = hub.subscribe(1).unwrap();
-        hub.publish(HubEvent::Message {
-            change: MessageChange::Created,
-            message: message(1, 1),
-        })
-        .await;
+        hub.publish(logged(MessageChange::Created, 1, 1)).await;
         assert!(me.receiver.try_recv().is_ok());
         assert!(me.receiver.try_recv().is_err());
     }
@@ -335,10 +331,7 @@ mod tests {
 
     #[test]
     fn events_survive_the_trip_through_json() {
-        let event = HubEvent::Message {
-            change: MessageChange::Read,
-            message: message(4, 5),
-        };
+        let event = logged(MessageChange::Read, 4, 5);
         let hub = local_hub();
         let mut recipient = hub.subscribe(5).unwrap();
         hub.deliver_payload(&serde_json::to_string(&event).unwrap());

@@ -104,7 +104,7 @@ mod tests {
                 seen += 1;
             }
         }
-        assert_eq!(seen, 33, "every RPC was looked at");
+        assert_eq!(seen, 37, "every RPC was looked at");
         for file in ["google/rpc/status.proto", "google/rpc/error_details.proto"] {
             assert!(pool.get_file_by_name(file).is_some(), "{file} is served");
         }

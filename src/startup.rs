@@ -314,6 +314,10 @@ impl Application {
             Arc::clone(&state),
             stop_tx.subscribe(),
         )));
+        background.push(tokio::spawn(crate::services::message::sweep_log_regularly(
+            Arc::clone(&state),
+            stop_tx.subscribe(),
+        )));
         background.push(tokio::spawn(health::probe_database(
             Arc::clone(&state.db),
             health_reporter.clone(),

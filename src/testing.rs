@@ -80,6 +80,7 @@ impl Seeder {
                 parent_id: None,
                 conversation_id: default_conversation_id(recipient, sender),
                 now: self.state.clock.now().micros(),
+                request: None,
             })
             .await?;
         Ok(())

@@ -531,6 +531,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                             content: "benchmark message".into(),
                             parent_id: None,
                             conversation_id: None,
+                            request_id: None,
                         },
                         &tokens[from],
                     );
@@ -810,7 +811,7 @@ async fn soak(
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 if let Ok(stream) = client
-                    .stream_messages(bearer(proto::StreamMessagesRequest {}, &token))
+                    .stream_messages(bearer(proto::StreamMessagesRequest::default(), &token))
                     .await
                 {
                     let mut stream = stream.into_inner();
@@ -888,6 +889,7 @@ async fn soak(
                                         content: "soak".into(),
                                         parent_id: None,
                                         conversation_id: None,
+                                        request_id: None,
                                     },
                                     &tokens[from],
                                 ))
@@ -1221,7 +1223,7 @@ async fn stream_delivery(
         let mut client =
             MessageServiceClient::new(stream_channels[i % stream_channels.len()].clone());
         let mut stream = client
-            .stream_messages(bearer(proto::StreamMessagesRequest {}, token))
+            .stream_messages(bearer(proto::StreamMessagesRequest::default(), token))
             .await?
             .into_inner();
         let deliveries = Arc::clone(&deliveries);
@@ -1256,6 +1258,7 @@ async fn stream_delivery(
                 content: (origin.elapsed().as_micros() as u64).to_string(),
                 parent_id: None,
                 conversation_id: None,
+                request_id: None,
             },
             &tokens[w % tokens.len()],
         );
@@ -1336,7 +1339,7 @@ async fn idle_streams() -> anyhow::Result<(f64, f64)> {
         streams.push(
             client
                 .stream_messages(bearer(
-                    proto::StreamMessagesRequest {},
+                    proto::StreamMessagesRequest::default(),
                     &tokens[i % tokens.len()],
                 ))
                 .await?

@@ -87,5 +87,7 @@ pub fn message_to_proto(message: MessageRecord) -> proto::Message {
         conversation_id: message.conversation_id,
         created_at: timestamp(message.created_at),
         read_at: message.read_at.and_then(timestamp),
+        edited_at: message.edited_at.and_then(timestamp),
+        reply_count: i32::try_from(message.reply_count).unwrap_or(i32::MAX),
     }
 }

@@ -3,7 +3,7 @@
 //! Privacy rule: a message exists only for its sender and its recipient; to
 //! anyone else every RPC answers exactly as for a missing id.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, codegen::BoxStream};
@@ -14,20 +14,26 @@ use crate::{
         Violations,
         message::{
             MAX_MARK_READ_IDS, RECIPIENT_DISABLED, default_conversation_id, parse_content,
-            parse_conversation_id,
+            parse_conversation_id, parse_request_id, parse_search_query, request_fingerprint,
         },
         paging::{PageScope, page_size},
     },
     error::{AppError, Reason, refusal},
     events::{HubEvent, MessageChange},
     proto::{self, message_service_server::MessageService, stream_messages_response::Event},
-    storage::{Before, MessageFilter, MessageRecord, NewMessage},
+    storage::{
+        Before, LoggedChange, MessageEvent, MessageFilter, MessageRecord, NewMessage, RequestKey,
+    },
 };
 
 const MESSAGE_NOT_FOUND: &str = "message not found";
 /// Streams re-check their session this often even without a revocation
 /// notice, in case one was missed while the database connection was down.
 const SESSION_RECHECK: Duration = Duration::from_secs(30);
+/// Events read from the log per query while a stream catches up.
+const REPLAY_PAGE: i64 = 500;
+/// How long a stream waits before reading the log again after a failed read.
+const REPLAY_RETRY: Duration = Duration::from_millis(250);
 
 pub struct MessageApi {
     state: Arc<AppState>,
@@ -113,7 +119,20 @@ impl MessageApi {
             .conversation_id
             .as_deref()
             .and_then(|id| violations.check(parse_conversation_id(id)));
+        let request_id = body
+            .request_id
+            .as_deref()
+            .and_then(|id| violations.check(parse_request_id(id)));
         let content = violations.finish(content)?;
+        let request = request_id.map(|request_id| RequestKey {
+            fingerprint: request_fingerprint(
+                body.recipient_id,
+                &content,
+                body.parent_id,
+                body.conversation_id.as_deref(),
+            ),
+            request_id,
+        });
 
         let me = caller.user.id;
         let recipient_id = body.recipient_id;
@@ -150,7 +169,7 @@ impl MessageApi {
         };
         // The writer stores the message only if the recipient exists and is
         // active, in the same transaction.
-        let message = self
+        let stored = self
             .state
             .message_writer
             .insert(NewMessage {
@@ -160,15 +179,36 @@ impl MessageApi {
                 parent_id: body.parent_id,
                 conversation_id,
                 now: self.state.clock.now().micros(),
+                request,
             })
             .await?;
-        self.state
-            .events
-            .publish(HubEvent::Message {
-                change: MessageChange::Created,
-                message: message.clone(),
-            })
-            .await;
+        let message = stored.message.clone();
+        self.publish(stored).await;
+        Ok(message)
+    }
+
+    /// Hands a committed change to every open stream of its audience; a
+    /// change that logged nothing (an idempotent send's retry) emits nothing.
+    async fn publish(&self, change: LoggedChange) {
+        if !change.event_ids.is_empty() {
+            self.state.events.publish(HubEvent::Message(change)).await;
+        }
+    }
+
+    /// The caller's message, refused to its recipient and unknown to others.
+    async fn own_message(
+        &self,
+        caller: &Caller,
+        message_id: i64,
+        verb: &str,
+    ) -> Result<MessageRecord, AppError> {
+        let message = self.visible_message(caller, message_id).await?;
+        if message.sender_id != caller.user.id {
+            return Err(AppError::refused(
+                Reason::NotMessageSender,
+                format!("only the sender may {verb} a message"),
+            ));
+        }
         Ok(message)
     }
 
@@ -190,26 +230,64 @@ impl MessageApi {
             .unwrap_or_default();
         let unread = if body.unread_only { "unread" } else { "" };
         let conversation_filter = conversation_id.clone().unwrap_or_default();
+        let parent = body.parent_id.map(|id| id.to_string()).unwrap_or_default();
         let scope = PageScope {
             rpc: "ListMessages",
             caller_id: caller.user.id,
-            filters: &[&with_user, &conversation_filter, unread],
+            filters: &[&with_user, &conversation_filter, unread, &parent],
         };
         let cursor = violations.check(scope.decode(&body.page_token, 2));
         let limit = violations.finish(limit)?;
+        if let Some(parent_id) = body.parent_id {
+            self.visible_message(&caller, parent_id)
+                .await
+                .map_err(|_| AppError::NotFound("parent message not found".into()))?;
+        }
         let filter = MessageFilter {
             with_user_id: body.with_user_id,
             conversation_id,
             unread_only: body.unread_only,
+            parent_id: body.parent_id,
         };
-        let messages = self
+        let page = self
             .state
             .db
             .list_messages(caller.user.id, &filter, before(cursor.flatten()), limit + 1)
             .await?;
         let (messages, next_page_token) =
-            take_page(messages, limit, |m| vec![m.created_at, m.id], &scope);
+            take_page(page.messages, limit, |m| vec![m.created_at, m.id], &scope);
         Ok(proto::ListMessagesResponse {
+            messages: messages.into_iter().map(message_to_proto).collect(),
+            next_page_token,
+            last_event_id: page.last_event_id,
+        })
+    }
+
+    async fn search(
+        &self,
+        request: Request<proto::SearchMessagesRequest>,
+    ) -> Result<proto::SearchMessagesResponse, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let limit = violations.check(page_size(body.page_size));
+        let query = violations.check(parse_search_query(&body.query));
+        let scope = PageScope {
+            rpc: "SearchMessages",
+            caller_id: caller.user.id,
+            filters: &[&body.query],
+        };
+        let cursor = violations.check(scope.decode(&body.page_token, 2));
+        let limit = violations.finish(limit)?;
+        let query = query.unwrap_or_default();
+        let messages = self
+            .state
+            .db
+            .search_messages(caller.user.id, &query, before(cursor.flatten()), limit + 1)
+            .await?;
+        let (messages, next_page_token) =
+            take_page(messages, limit, |m| vec![m.created_at, m.id], &scope);
+        Ok(proto::SearchMessagesResponse {
             messages: messages.into_iter().map(message_to_proto).collect(),
             next_page_token,
         })
@@ -230,6 +308,8 @@ impl MessageApi {
         };
         let cursor = violations.check(scope.decode(&body.page_token, 2));
         let limit = violations.finish(limit)?;
+        // The position first: every event up to it is then in the page.
+        let last_event_id = self.state.db.latest_event_id(caller.user.id).await?;
         let conversations = self
             .state
             .db
@@ -252,6 +332,7 @@ impl MessageApi {
                 })
                 .collect(),
             next_page_token,
+            last_event_id,
         })
     }
 
@@ -269,15 +350,35 @@ impl MessageApi {
             .db
             .mark_read(caller.user.id, &ids, self.state.clock.now().micros())
             .await?;
-        let count = i32::try_from(changed.len()).unwrap_or(i32::MAX);
-        for message in changed {
-            self.state
-                .events
-                .publish(HubEvent::Message {
-                    change: MessageChange::Read,
-                    message,
-                })
-                .await;
+        self.publish_all(changed).await
+    }
+
+    async fn mark_conversation_read(
+        &self,
+        request: Request<proto::MarkConversationReadRequest>,
+    ) -> Result<i32, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let conversation_id = parse_conversation_id(&body.conversation_id)
+            .map_err(|violation| AppError::InvalidArgument(vec![violation]))?;
+        let changed = self
+            .state
+            .db
+            .mark_conversation_read(
+                caller.user.id,
+                body.other_user_id,
+                &conversation_id,
+                self.state.clock.now().micros(),
+            )
+            .await?;
+        self.publish_all(changed).await
+    }
+
+    /// Publishes each change in order; answers how many there were.
+    async fn publish_all(&self, changes: Vec<LoggedChange>) -> Result<i32, AppError> {
+        let count = i32::try_from(changes.len()).unwrap_or(i32::MAX);
+        for change in changes {
+            self.publish(change).await;
         }
         Ok(count)
     }
@@ -285,41 +386,96 @@ impl MessageApi {
     async fn delete(&self, request: Request<proto::DeleteMessageRequest>) -> Result<(), AppError> {
         let caller = self.state.authenticate(&request).await?;
         let message = self
-            .visible_message(&caller, request.get_ref().message_id)
+            .own_message(&caller, request.get_ref().message_id, "delete")
             .await?;
-        if message.sender_id != caller.user.id {
-            return Err(AppError::refused(
-                Reason::NotMessageSender,
-                "only the sender may delete a message",
-            ));
-        }
         let deleted = self
             .state
             .db
-            .delete_message(message.id, caller.user.id)
+            .delete_message(message.id, caller.user.id, self.state.clock.now().micros())
             .await?
             .ok_or_else(|| AppError::NotFound(MESSAGE_NOT_FOUND.into()))?;
-        self.state
-            .events
-            .publish(HubEvent::Message {
-                change: MessageChange::Deleted,
-                message: deleted,
-            })
-            .await;
+        self.publish(deleted).await;
         Ok(())
     }
 
-    /// Feeds one subscriber until the client leaves, the session ends, the
-    /// subscriber lags, or the server shuts down.
+    async fn edit(
+        &self,
+        request: Request<proto::EditMessageRequest>,
+    ) -> Result<MessageRecord, AppError> {
+        let caller = self.state.authenticate(&request).await?;
+        let body = request.into_inner();
+        let content = parse_content(&body.content)
+            .map_err(|violation| AppError::InvalidArgument(vec![violation]))?;
+        let message = self.own_message(&caller, body.message_id, "edit").await?;
+        let edited = self
+            .state
+            .db
+            .edit_message(
+                message.id,
+                caller.user.id,
+                &content,
+                self.state.clock.now().micros(),
+            )
+            .await?
+            .ok_or_else(|| AppError::NotFound(MESSAGE_NOT_FOUND.into()))?;
+        let message = edited.message.clone();
+        self.publish(edited).await;
+        Ok(message)
+    }
+
+    /// Where a new stream starts: after the cursor, once it is checked
+    /// (a replay follows), or at the caller's newest event.
+    async fn starting_point(
+        &self,
+        user_id: i64,
+        after_event_id: Option<i64>,
+    ) -> Result<(i64, bool), AppError> {
+        let head = self.state.db.latest_event_id(user_id).await?;
+        let Some(cursor) = after_event_id else {
+            return Ok((head, false));
+        };
+        if cursor < 0 {
+            return Err(AppError::invalid("after_event_id", "must not be negative"));
+        }
+        let expired = || {
+            AppError::refused(
+                Reason::CursorExpired,
+                "the cursor is older than the events kept, or was never issued; \
+                 list messages to resync, then stream from their last_event_id",
+            )
+        };
+        if cursor > head {
+            return Err(expired());
+        }
+        if cursor < head {
+            let retention =
+                i64::try_from(self.state.config.event_retention.as_micros()).unwrap_or(i64::MAX);
+            let retained_since = self.state.clock.now().micros().saturating_sub(retention);
+            if !self
+                .state
+                .db
+                .event_retained(user_id, cursor + 1, retained_since)
+                .await?
+            {
+                return Err(expired());
+            }
+        }
+        Ok((cursor, cursor < head))
+    }
+
     /// The stream's next response, or `None` once it has ended. Polled by
     /// tonic itself (no task or channel of its own), so an idle stream costs
     /// only this state; a client that goes away drops it.
+    ///
+    /// Every event carries its id in the user's log, and ids are dense, so
+    /// the stream always knows whether the next live event is the one it
+    /// expects: a gap (an event still on its way from another instance, or
+    /// missed) is filled from the log, and anything already delivered
+    /// (replayed, then heard live) is skipped. Replay and live meet with no
+    /// gap and no duplicate.
     async fn next_response(
         feed: &mut StreamFeed,
     ) -> Option<Result<proto::StreamMessagesResponse, Status>> {
-        if feed.ended {
-            return None;
-        }
         let session_ended = || {
             refusal(
                 Reason::SessionRevoked,
@@ -327,20 +483,81 @@ impl MessageApi {
                 None,
             )
         };
-        let state = &feed.state;
+        let state = Arc::clone(&feed.state);
         let (session_id, user_id) = (feed.session_id, feed.user_id);
         let ending = loop {
+            if feed.ended {
+                return None;
+            }
+            if let Some(event) = feed.backlog.pop_front() {
+                feed.last = event.event_id;
+                return Some(Ok(stream_response(event)));
+            }
+            if feed.catching_up {
+                match state.db.events_after(user_id, feed.last, REPLAY_PAGE).await {
+                    Ok(events) => {
+                        // Ids are dense: a hole means events were erased
+                        // (retention, a deleted user) and the client must resync.
+                        let expected = feed.last + 1;
+                        if events
+                            .first()
+                            .is_some_and(|first| first.event_id != expected)
+                        {
+                            break Some(
+                                AppError::refused(
+                                    Reason::CursorExpired,
+                                    "some events after this one are no longer kept; \
+                                 list messages to resync, then stream from their last_event_id",
+                                )
+                                .into(),
+                            );
+                        }
+                        let read = events.len();
+                        let mut next = expected;
+                        for event in events {
+                            if event.event_id != next {
+                                break;
+                            }
+                            next += 1;
+                            feed.backlog.push_back(event);
+                        }
+                        // The whole rest of the log, without a hole: live
+                        // events go on from here; those that overflowed the
+                        // channel meanwhile are in the log.
+                        let whole = usize::try_from(REPLAY_PAGE).is_ok_and(|page| read < page);
+                        if whole && next - expected == i64::try_from(read).unwrap_or(i64::MAX) {
+                            feed.catching_up = false;
+                            feed.forgive_lag = true;
+                        }
+                        continue;
+                    }
+                    // The database is away: the log keeps what happens meanwhile.
+                    Err(error) => {
+                        tracing::debug!(error = %error, "stream replay read failed; retrying");
+                        tokio::time::sleep(REPLAY_RETRY).await;
+                        continue;
+                    }
+                }
+            }
             tokio::select! {
                 received = feed.subscription.receiver.recv() => match received {
                     Ok(event) => match &*event {
-                        HubEvent::Message { change, message } => {
-                            let message = message_to_proto(message.clone());
-                            let event = match change {
-                                MessageChange::Created => Event::Created(message),
-                                MessageChange::Read => Event::Read(message),
-                                MessageChange::Deleted => Event::Deleted(message),
-                            };
-                            return Some(Ok(proto::StreamMessagesResponse { event: Some(event) }));
+                        HubEvent::Message(change) => {
+                            feed.forgive_lag = false;
+                            let Some(event_id) = change.event_id_for(user_id) else { continue };
+                            if event_id <= feed.last {
+                                continue;
+                            }
+                            if event_id > feed.last + 1 {
+                                feed.catching_up = true;
+                                continue;
+                            }
+                            feed.last = event_id;
+                            return Some(Ok(stream_response(MessageEvent {
+                                event_id,
+                                change: change.change,
+                                message: change.message.clone(),
+                            })));
                         }
                         // A failed check (database down) is retried at the next recheck.
                         HubEvent::AllUsersChanged => {}
@@ -350,12 +567,17 @@ impl MessageApi {
                             }
                         }
                     },
+                    // Overflowed while the stream read the log: the log has it all.
+                    Err(RecvError::Lagged(_)) if feed.forgive_lag => {
+                        feed.forgive_lag = false;
+                        feed.catching_up = true;
+                    }
                     Err(RecvError::Lagged(missed)) => {
                         break Some(refusal(
                             Reason::StreamLagged,
                             format!(
                                 "the stream fell {missed} events behind and was closed; \
-                                 list messages to catch up, then subscribe again"
+                                 resume from the last event_id received"
                             ),
                             None,
                         ));
@@ -367,21 +589,40 @@ impl MessageApi {
                     if matches!(state.auth.session_is_live(session_id, user_id, state.clock.now()).await, Ok(false)) {
                         break Some(session_ended());
                     }
+                    // An event whose notice never came (a failed publish) is
+                    // picked up from the log here at the latest.
+                    if state.db.latest_event_id(user_id).await.is_ok_and(|head| head > feed.last) {
+                        feed.catching_up = true;
+                    }
                 }
                 () = tokio::time::sleep_until(feed.expires) => break Some(session_ended()),
                 _ = feed.shutdown.changed() => {
-                    break Some(Status::unavailable("the server is shutting down; reconnect"));
+                    break Some(Status::unavailable("the server is shutting down; resume from the last event_id received"));
                 }
                 () = crate::events::channel_lost(&mut feed.subscription.connected) => {
                     break Some(Status::unavailable(
                         "real-time events were interrupted and some may be missing; \
-                         list messages to catch up, then subscribe again",
+                         resume from the last event_id received",
                     ));
                 }
             }
         };
         feed.ended = true;
         ending.map(Err)
+    }
+}
+
+/// One logged event as the stream sends it.
+fn stream_response(event: MessageEvent) -> proto::StreamMessagesResponse {
+    let message = message_to_proto(event.message);
+    proto::StreamMessagesResponse {
+        event: Some(match event.change {
+            MessageChange::Created => Event::Created(message),
+            MessageChange::Read => Event::Read(message),
+            MessageChange::Deleted => Event::Deleted(message),
+            MessageChange::Edited => Event::Edited(message),
+        }),
+        event_id: event.event_id,
     }
 }
 
@@ -393,6 +634,16 @@ struct StreamFeed {
     subscription: crate::events::Subscription,
     session_id: i64,
     user_id: i64,
+    /// The id of the last event delivered (or the starting point).
+    last: i64,
+    /// Events read from the log, to deliver in order before anything live.
+    backlog: VecDeque<MessageEvent>,
+    /// Whether the log must be read before going on live (a replay, a gap).
+    catching_up: bool,
+    /// Set once a replay caught up: live events that overflowed the channel
+    /// during it are in the log, so a lag then is read from there instead
+    /// of ending the stream.
+    forgive_lag: bool,
     expires: tokio::time::Instant,
     next_recheck: tokio::time::Instant,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -454,17 +705,62 @@ impl MessageService for MessageApi {
         Ok(Response::new(proto::DeleteMessageResponse {}))
     }
 
+    async fn edit_message(
+        &self,
+        request: Request<proto::EditMessageRequest>,
+    ) -> Result<Response<proto::EditMessageResponse>, Status> {
+        let message = self.edit(request).await?;
+        Ok(Response::new(proto::EditMessageResponse {
+            message: Some(message_to_proto(message)),
+        }))
+    }
+
+    async fn get_unread_count(
+        &self,
+        request: Request<proto::GetUnreadCountRequest>,
+    ) -> Result<Response<proto::GetUnreadCountResponse>, Status> {
+        let caller = self.state.authenticate(&request).await?;
+        let total = self
+            .state
+            .db
+            .unread_count(caller.user.id)
+            .await
+            .map_err(AppError::from)?;
+        Ok(Response::new(proto::GetUnreadCountResponse { total }))
+    }
+
+    async fn mark_conversation_read(
+        &self,
+        request: Request<proto::MarkConversationReadRequest>,
+    ) -> Result<Response<proto::MarkConversationReadResponse>, Status> {
+        let updated_count = MessageApi::mark_conversation_read(self, request).await?;
+        Ok(Response::new(proto::MarkConversationReadResponse {
+            updated_count,
+        }))
+    }
+
+    async fn search_messages(
+        &self,
+        request: Request<proto::SearchMessagesRequest>,
+    ) -> Result<Response<proto::SearchMessagesResponse>, Status> {
+        Ok(Response::new(self.search(request).await?))
+    }
+
     async fn stream_messages(
         &self,
         request: Request<proto::StreamMessagesRequest>,
     ) -> Result<Response<BoxStream<proto::StreamMessagesResponse>>, Status> {
         let caller = self.state.authenticate(&request).await?;
-        // Subscribed before the response (and its headers) leaves, and never
-        // while events from other instances could be missing.
+        // Subscribed before the starting point is read (so nothing committed
+        // after it is missed) and before the response (and its headers)
+        // leaves, and never while events from other instances could be missing.
         let subscription =
             self.state.events.subscribe(caller.user.id).map_err(|_| {
                 Status::unavailable("real-time events are interrupted; retry shortly")
             })?;
+        let (last, catching_up) = self
+            .starting_point(caller.user.id, request.get_ref().after_event_id)
+            .await?;
         let now = tokio::time::Instant::now();
         let until_expiry = caller.session_time_left(self.state.clock.now());
         let feed = StreamFeed {
@@ -473,6 +769,10 @@ impl MessageService for MessageApi {
             subscription,
             session_id: caller.session_id,
             user_id: caller.user.id,
+            last,
+            backlog: VecDeque::new(),
+            catching_up,
+            forgive_lag: false,
             expires: now + until_expiry,
             next_recheck: now + SESSION_RECHECK,
             shutdown: self.state.shutdown.clone(),
@@ -483,5 +783,41 @@ impl MessageService for MessageApi {
             Some((response, feed))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// How often message events past retention and spent request ids are swept.
+const LOG_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes the message events past retention and the request ids older than
+/// 24 hours, at the server's "now".
+pub async fn sweep_log_once(state: &AppState) {
+    let now = state.clock.now().micros();
+    let retention = i64::try_from(state.config.event_retention.as_micros()).unwrap_or(i64::MAX);
+    let requests_before = now - crate::storage::REQUEST_ID_LIFETIME_MICROS;
+    match state
+        .db
+        .sweep_message_log(now.saturating_sub(retention), requests_before)
+        .await
+    {
+        Ok(0) => {}
+        Ok(swept) => tracing::debug!(swept, "message log rows past retention deleted"),
+        Err(error) => tracing::warn!(error = %error, "message log sweep failed; retrying later"),
+    }
+}
+
+/// Sweeps every minute (or every retention period, if shorter) until `stop`
+/// turns true.
+pub async fn sweep_log_regularly(
+    state: Arc<AppState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = LOG_SWEEP_INTERVAL.min(state.config.event_retention.max(Duration::from_secs(1)));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => sweep_log_once(&state).await,
+            _ = stop.changed() => break,
+        }
     }
 }

@@ -10,14 +10,14 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Database, MessageRecord, NewMessage, Result, StorageError};
+use super::{Database, LoggedChange, NewMessage, Result, StorageError};
 
 const MAX_BATCH: usize = 256;
 const QUEUE: usize = 4096;
 
 struct Pending {
     message: NewMessage,
-    reply: oneshot::Sender<Result<MessageRecord>>,
+    reply: oneshot::Sender<Result<LoggedChange>>,
 }
 
 pub struct MessageWriter {
@@ -45,7 +45,7 @@ impl MessageWriter {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(sender_id = message.sender_id, recipient_id = message.recipient_id))]
-    pub async fn insert(&self, message: NewMessage) -> Result<MessageRecord> {
+    pub async fn insert(&self, message: NewMessage) -> Result<LoggedChange> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Pending { message, reply })

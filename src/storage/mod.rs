@@ -33,6 +33,9 @@ pub enum StorageError {
     /// A message's recipient is disabled (or gone), so it cannot be sent.
     #[error("the recipient cannot receive messages")]
     RecipientDisabled,
+    /// A `request_id` already used for a different message; names the field.
+    #[error("{0} was used for a different message")]
+    RequestMismatch(&'static str),
     /// The database cannot be reached (or is busy beyond its timeout).
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
@@ -440,6 +443,80 @@ pub struct MessageRecord {
     pub conversation_id: String,
     pub created_at: i64,
     pub read_at: Option<i64>,
+    pub edited_at: Option<i64>,
+    /// Direct replies that still exist.
+    pub reply_count: i64,
+}
+
+impl MessageRecord {
+    /// The users whose event logs record a change to this message (once
+    /// each: a note to oneself has one).
+    pub fn audience(&self) -> impl Iterator<Item = i64> + use<> {
+        [
+            Some(self.sender_id),
+            (self.recipient_id != self.sender_id).then_some(self.recipient_id),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// What happened to a message; the numbers are the stored ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(i32)]
+pub enum MessageChange {
+    Created = 1,
+    Read = 2,
+    Deleted = 3,
+    Edited = 4,
+}
+
+impl MessageChange {
+    fn from_stored(kind: i32) -> Option<Self> {
+        Some(match kind {
+            1 => Self::Created,
+            2 => Self::Read,
+            3 => Self::Deleted,
+            4 => Self::Edited,
+            _ => return None,
+        })
+    }
+}
+
+/// A committed change to a message with the id it got in each of its
+/// audience's event logs, as `(user_id, event_id)`. No ids: nothing was
+/// logged (an idempotent send answered from its first time).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoggedChange {
+    pub change: MessageChange,
+    pub message: MessageRecord,
+    pub event_ids: Vec<(i64, i64)>,
+}
+
+impl LoggedChange {
+    /// The event id this change has in `user_id`'s log.
+    pub fn event_id_for(&self, user_id: i64) -> Option<i64> {
+        self.event_ids
+            .iter()
+            .find(|(user, _)| *user == user_id)
+            .map(|(_, event_id)| *event_id)
+    }
+}
+
+/// One entry of a user's event log: the message as it was after the change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageEvent {
+    pub event_id: i64,
+    pub change: MessageChange,
+    pub message: MessageRecord,
+}
+
+/// A send that is safe to retry: the sender's key and a digest of what was
+/// asked, to tell a retry from a different message under the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestKey {
+    pub request_id: String,
+    pub fingerprint: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -450,7 +527,12 @@ pub struct NewMessage {
     pub parent_id: Option<i64>,
     pub conversation_id: String,
     pub now: i64,
+    /// Set for an idempotent send.
+    pub request: Option<RequestKey>,
 }
+
+/// How long a `request_id` identifies its first message.
+pub const REQUEST_ID_LIFETIME_MICROS: i64 = 24 * 3600 * 1_000_000;
 
 /// ListMessages filters, all optional.
 #[derive(Debug, Clone, Default)]
@@ -458,6 +540,16 @@ pub struct MessageFilter {
     pub with_user_id: Option<i64>,
     pub conversation_id: Option<String>,
     pub unread_only: bool,
+    /// Only the direct replies to this message.
+    pub parent_id: Option<i64>,
+}
+
+/// A page of ListMessages and the user's newest event id when it was read
+/// (every event up to it is reflected in the page).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessagePage {
+    pub messages: Vec<MessageRecord>,
+    pub last_event_id: i64,
 }
 
 /// Keyset position "newest first": items strictly older than `(created_at, id)`.
@@ -485,30 +577,35 @@ pub struct ConversationRecord {
 
 #[async_trait]
 pub trait MessageRepository: Send + Sync {
-    /// Stores the message and updates both participants' conversation rows,
-    /// in one transaction. Fails with `NotFound("recipient")` or a
-    /// `RecipientDisabled` when the recipient is missing or disabled.
-    async fn insert_message(&self, message: NewMessage) -> Result<MessageRecord>;
+    /// Stores the message, as `insert_messages` does for one.
+    async fn insert_message(&self, message: NewMessage) -> Result<LoggedChange>;
 
     /// Stores several messages in one transaction (group commit), answering
-    /// for each in order. A message whose recipient is missing or disabled is
-    /// refused alone; any other failure fails the whole transaction.
-    async fn insert_messages(
-        &self,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<Result<MessageRecord>>>;
+    /// for each in order. Each stored message updates both participants'
+    /// conversation rows and its parent's reply count, and gets a `Created`
+    /// event in its audience's logs, all in that transaction. A message
+    /// whose recipient is missing (`NotFound("recipient")`) or disabled
+    /// (`RecipientDisabled`), whose parent is gone (`NotFound("parent
+    /// message")`), or whose `request` key was used for a different message
+    /// (`RequestMismatch("request_id")`) is refused alone; a key used for the
+    /// same message in the last 24 hours answers that message as it is now
+    /// (no event ids; `NotFound("message")` if it was deleted), also between
+    /// concurrent transactions. Any other failure fails the whole transaction.
+    async fn insert_messages(&self, messages: Vec<NewMessage>)
+    -> Result<Vec<Result<LoggedChange>>>;
 
     async fn find_message(&self, message_id: i64) -> Result<Option<MessageRecord>>;
 
     /// The messages `user_id` sent or received that match `filter`, newest
-    /// first, strictly before `before`, at most `limit`.
+    /// first, strictly before `before`, at most `limit`, with the user's
+    /// newest event id read before them.
     async fn list_messages(
         &self,
         user_id: i64,
         filter: &MessageFilter,
         before: Before,
         limit: i64,
-    ) -> Result<Vec<MessageRecord>>;
+    ) -> Result<MessagePage>;
 
     /// The user's conversations by newest activity, strictly before `before`
     /// (the last message's `created_at` and id).
@@ -520,21 +617,86 @@ pub trait MessageRepository: Send + Sync {
     ) -> Result<Vec<ConversationRecord>>;
 
     /// Marks as read those of `message_ids` that `recipient_id` received and
-    /// had not read; returns them as they are now. One transaction.
+    /// had not read, logging a `Read` event for each; returns them as they
+    /// are now, by id. One transaction.
     async fn mark_read(
         &self,
         recipient_id: i64,
         message_ids: &[i64],
         now: i64,
-    ) -> Result<Vec<MessageRecord>>;
+    ) -> Result<Vec<LoggedChange>>;
 
-    /// Deletes the message if `sender_id` sent it; returns it as it was.
-    /// Conversation rows are corrected in the same transaction.
+    /// Marks as read every message `recipient_id` received from
+    /// `other_user_id` in `conversation_id`, as `mark_read` does.
+    async fn mark_conversation_read(
+        &self,
+        recipient_id: i64,
+        other_user_id: i64,
+        conversation_id: &str,
+        now: i64,
+    ) -> Result<Vec<LoggedChange>>;
+
+    /// Deletes the message if `sender_id` sent it, logging a `Deleted` event;
+    /// returns it as it was. Conversation rows and the parent's reply count
+    /// are corrected in the same transaction.
     async fn delete_message(
         &self,
         message_id: i64,
         sender_id: i64,
-    ) -> Result<Option<MessageRecord>>;
+        now: i64,
+    ) -> Result<Option<LoggedChange>>;
+
+    /// Replaces the content of the message if `sender_id` sent it, sets
+    /// `edited_at` and logs an `Edited` event; returns it as it is now.
+    async fn edit_message(
+        &self,
+        message_id: i64,
+        sender_id: i64,
+        content: &str,
+        now: i64,
+    ) -> Result<Option<LoggedChange>>;
+
+    /// Messages the user received and has not read.
+    async fn unread_count(&self, user_id: i64) -> Result<i64>;
+
+    /// The user's sent and received messages whose content contains `query`
+    /// ignoring ASCII case, newest first, strictly before `before`, at most
+    /// `limit`, found through the database's text index.
+    async fn search_messages(
+        &self,
+        user_id: i64,
+        query: &str,
+        before: Before,
+        limit: i64,
+    ) -> Result<Vec<MessageRecord>>;
+
+    /// The database's plan for `search_messages` with these arguments, as
+    /// text: operators (and a test) check that it uses the text index.
+    async fn explain_search(&self, user_id: i64, query: &str) -> Result<String>;
+
+    /// The user's newest event id, 0 before their first event.
+    async fn latest_event_id(&self, user_id: i64) -> Result<i64>;
+
+    /// Whether the user's log still holds `event_id`, logged at or after
+    /// `retained_since`.
+    async fn event_retained(
+        &self,
+        user_id: i64,
+        event_id: i64,
+        retained_since: i64,
+    ) -> Result<bool>;
+
+    /// The user's events after `after_event_id`, oldest first, at most `limit`.
+    async fn events_after(
+        &self,
+        user_id: i64,
+        after_event_id: i64,
+        limit: i64,
+    ) -> Result<Vec<MessageEvent>>;
+
+    /// Deletes events logged before `events_before` and request keys used
+    /// before `requests_before`; returns how many rows went.
+    async fn sweep_message_log(&self, events_before: i64, requests_before: i64) -> Result<u64>;
 }
 
 /// Limits of the login throttle (see `ThrottleRepository`).

@@ -15,7 +15,7 @@ use std::{
     },
 };
 
-use super::{MessageFilter, MessageRecord};
+use super::{MessageFilter, MessagePage, MessageRecord};
 
 /// Memory held by all cached pages together, and by any one page: a user
 /// may list 1,000 messages of 16,384 characters, which is not cached.
@@ -30,6 +30,7 @@ pub struct PageKey {
     with_user_id: Option<i64>,
     conversation_id: Option<String>,
     unread_only: bool,
+    parent_id: Option<i64>,
     limit: i64,
 }
 
@@ -39,21 +40,23 @@ impl PageKey {
             with_user_id: filter.with_user_id,
             conversation_id: filter.conversation_id.clone(),
             unread_only: filter.unread_only,
+            parent_id: filter.parent_id,
             limit,
         }
     }
 }
 
 /// Approximate heap and inline size of a page.
-fn page_bytes(page: &[MessageRecord]) -> usize {
-    page.iter()
+fn page_bytes(page: &MessagePage) -> usize {
+    page.messages
+        .iter()
         .map(|m| std::mem::size_of::<MessageRecord>() + m.content.len() + m.conversation_id.len())
         .sum()
 }
 
 #[derive(Default)]
 struct UserPages {
-    pages: HashMap<PageKey, Arc<Vec<MessageRecord>>>,
+    pages: HashMap<PageKey, Arc<MessagePage>>,
     bytes: usize,
 }
 
@@ -87,13 +90,13 @@ impl PageCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    pub fn get(&self, user_id: i64, key: &PageKey) -> Option<Arc<Vec<MessageRecord>>> {
+    pub fn get(&self, user_id: i64, key: &PageKey) -> Option<Arc<MessagePage>> {
         self.lock().users.get(&user_id)?.pages.get(key).cloned()
     }
 
     /// Stores a page read from the database, unless a write has been
     /// committed since `generation` was taken or the page is too large.
-    pub fn insert(&self, user_id: i64, key: PageKey, page: Vec<MessageRecord>, generation: u64) {
+    pub fn insert(&self, user_id: i64, key: PageKey, page: MessagePage, generation: u64) {
         let bytes = page_bytes(&page);
         if bytes > MAX_PAGE_BYTES {
             return;
@@ -157,6 +160,15 @@ mod tests {
             conversation_id: "dm:1:2".into(),
             created_at: id,
             read_at: None,
+            edited_at: None,
+            reply_count: 0,
+        }
+    }
+
+    fn page(messages: Vec<MessageRecord>) -> MessagePage {
+        MessagePage {
+            messages,
+            last_event_id: 0,
         }
     }
 
@@ -167,8 +179,11 @@ mod tests {
     #[test]
     fn a_stored_page_is_served_until_its_user_is_forgotten() {
         let cache = PageCache::default();
-        cache.insert(2, key(), vec![message(1)], cache.generation());
-        assert_eq!(cache.get(2, &key()).map(|page| page.len()), Some(1));
+        cache.insert(2, key(), page(vec![message(1)]), cache.generation());
+        assert_eq!(
+            cache.get(2, &key()).map(|page| page.messages.len()),
+            Some(1)
+        );
         cache.forget([7]);
         assert!(cache.get(2, &key()).is_some(), "another user's change");
         cache.forget([1, 2]);
@@ -180,14 +195,14 @@ mod tests {
         let cache = PageCache::default();
         let generation = cache.generation();
         cache.forget([5]);
-        cache.insert(2, key(), vec![message(1)], generation);
+        cache.insert(2, key(), page(vec![message(1)]), generation);
         assert!(cache.get(2, &key()).is_none());
     }
 
     #[test]
     fn filters_and_sizes_are_separate_pages() {
         let cache = PageCache::default();
-        cache.insert(2, key(), vec![message(1)], cache.generation());
+        cache.insert(2, key(), page(vec![message(1)]), cache.generation());
         let unread = PageKey::new(
             &MessageFilter {
                 unread_only: true,
@@ -210,14 +225,14 @@ mod tests {
             content: "x".repeat(16_000),
             ..message(id)
         };
-        let page: Vec<MessageRecord> = (0..50).map(big).collect();
-        let bytes = page_bytes(&page);
+        let full = page((0..50).map(big).collect());
+        let bytes = page_bytes(&full);
         for user_id in 0..200 {
-            cache.insert(user_id, key(), page.clone(), cache.generation());
+            cache.insert(user_id, key(), full.clone(), cache.generation());
             assert!(cache.lock().bytes <= MAX_TOTAL_BYTES);
         }
         assert!(cache.lock().users.len() >= MAX_TOTAL_BYTES / bytes - 1);
-        let huge: Vec<MessageRecord> = (0..100).map(big).collect();
+        let huge = page((0..100).map(big).collect());
         cache.insert(999, key(), huge, cache.generation());
         assert!(
             cache.get(999, &key()).is_none(),
@@ -230,9 +245,17 @@ mod tests {
     #[test]
     fn byte_count_follows_replacements_and_removals() {
         let cache = PageCache::default();
-        cache.insert(1, key(), vec![message(1)], cache.generation());
-        cache.insert(1, key(), vec![message(1), message(2)], cache.generation());
-        assert_eq!(cache.lock().bytes, page_bytes(&[message(1), message(2)]));
+        cache.insert(1, key(), page(vec![message(1)]), cache.generation());
+        cache.insert(
+            1,
+            key(),
+            page(vec![message(1), message(2)]),
+            cache.generation(),
+        );
+        assert_eq!(
+            cache.lock().bytes,
+            page_bytes(&page(vec![message(1), message(2)]))
+        );
         cache.forget([1]);
         assert_eq!(cache.lock().bytes, 0);
     }

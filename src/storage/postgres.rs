@@ -49,6 +49,24 @@ impl PostgresStore {
         self.pool.begin().await
     }
 
+    /// Rows a write selects before changing them are locked in the
+    /// selection's order.
+    /// What turns a query into its plan.
+    const EXPLAIN: &'static str = "EXPLAIN ";
+
+    const ROW_LOCK: &'static str = " FOR UPDATE";
+
+    /// SearchMessages' condition, served by the trigram index on the same
+    /// expression (ASCII letters folded, nothing else).
+    fn push_text_match(query: &mut sqlx::QueryBuilder<Postgres>, text: &str) {
+        query
+            .push(
+                "translate(content, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') LIKE ",
+            )
+            .push_bind(super::sql::ascii_substring_pattern(text))
+            .push(" ESCAPE '\\'");
+    }
+
     /// Revoking transactions take turns (until their commit) before they add
     /// to the revocation log, so its ids grow in commit order and a feed
     /// reading `id > cursor` never skips a row committed late.

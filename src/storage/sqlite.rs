@@ -105,6 +105,24 @@ impl SqliteStore {
         self.writer.begin_with("BEGIN IMMEDIATE").await
     }
 
+    /// No row locks to take: SQLite has one writer at a time.
+    /// What turns a query into its plan.
+    const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
+
+    const ROW_LOCK: &'static str = "";
+
+    /// SearchMessages' condition: FTS5 trigrams find the candidates (they
+    /// fold case beyond ASCII, so they find a superset); `lower()`, which
+    /// folds ASCII letters only in SQLite, decides.
+    fn push_text_match(query: &mut sqlx::QueryBuilder<Sqlite>, text: &str) {
+        query
+            .push("id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ")
+            .push_bind(super::sql::fts_phrase(text))
+            .push(") AND instr(lower(content), ")
+            .push_bind(text.to_ascii_lowercase())
+            .push(") > 0");
+    }
+
     /// Nothing to do: with one writer, revocation ids grow in commit order.
     async fn lock_revocation_log(
         &self,

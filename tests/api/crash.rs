@@ -184,6 +184,7 @@ async fn writes_answered_ok_survive_sigkill_and_the_invariants_hold(backend: Bac
                             content: format!("round {round} worker {worker} message {i}"),
                             parent_id: None,
                             conversation_id: None,
+                            request_id: None,
                         },
                         &token,
                     );
@@ -387,6 +388,7 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
                                 content: format!("note {i}"),
                                 parent_id: None,
                                 conversation_id: None,
+                                request_id: None,
                             },
                             &token,
                         ))

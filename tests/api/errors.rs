@@ -102,7 +102,7 @@ async fn every_token_and_session_failure_names_its_reason(backend: Backend) {
         .messages
         .clone()
         .stream_messages(with_bearer(
-            proto::StreamMessagesRequest {},
+            proto::StreamMessagesRequest::default(),
             &second.access_token,
         ))
         .await;

@@ -626,7 +626,7 @@ async fn sigterm_exits_at_once_despite_silent_peers_and_within_the_grace_despite
     let mut server = ServerProcess::start("30s").await;
     let token = log_in(server.channel(), "mia").await;
     let mut stream = proto::message_service_client::MessageServiceClient::new(server.channel())
-        .stream_messages(with_bearer(proto::StreamMessagesRequest {}, &token))
+        .stream_messages(with_bearer(proto::StreamMessagesRequest::default(), &token))
         .await
         .unwrap()
         .into_inner();

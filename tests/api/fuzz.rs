@@ -231,6 +231,7 @@ fn arbitrary_well_formed_requests_never_answer_internal_or_unknown() {
                         content,
                         parent_id,
                         conversation_id,
+                        request_id: None,
                     }
                     .encode_to_vec(),
                 )
@@ -252,6 +253,7 @@ fn arbitrary_well_formed_requests_never_answer_internal_or_unknown() {
                             unread_only,
                             page_size,
                             page_token,
+                            parent_id: None,
                         }
                         .encode_to_vec(),
                     )

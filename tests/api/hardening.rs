@@ -369,7 +369,7 @@ async fn every_rpc_without_credentials_is_unauthenticated_except_the_allowlist(b
     let rpcs = all_rpcs();
     assert_eq!(
         rpcs.len(),
-        12 + 12 + 2 + 7,
+        12 + 12 + 2 + 11,
         "a new RPC must be decided here"
     );
     for (path, streaming) in rpcs {
@@ -731,7 +731,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once_and_streams_hold_no
             app.messages
                 .clone()
                 .stream_messages(with_bearer(
-                    proto::StreamMessagesRequest {},
+                    proto::StreamMessagesRequest::default(),
                     &ivy.access_token,
                 ))
                 .await

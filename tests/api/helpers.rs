@@ -371,6 +371,11 @@ impl TestApp {
         })
     }
 
+    /// Runs SQL without parameters (`ANALYZE`, say) directly on the database.
+    pub async fn execute_unbound(&self, sql: &'static str) {
+        self.raw_connection().await.execute_raw(sql).await;
+    }
+
     /// Runs one `SELECT COUNT(*) ...` (with `$1` bound to `id`) directly on the database.
     pub async fn count(&self, sql: &str, id: i64) -> i64 {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
@@ -499,6 +504,7 @@ impl TestApp {
                     content: content.to_owned(),
                     parent_id: None,
                     conversation_id: None,
+                    request_id: None,
                 },
                 &from.access_token,
             ))
@@ -514,7 +520,7 @@ impl TestApp {
         self.messages
             .clone()
             .stream_messages(with_bearer(
-                proto::StreamMessagesRequest {},
+                proto::StreamMessagesRequest::default(),
                 &who.access_token,
             ))
             .await

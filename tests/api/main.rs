@@ -20,6 +20,7 @@ mod hardening;
 mod keys;
 mod logs;
 mod message;
+mod message_log;
 mod metrics;
 mod outage;
 mod platform;

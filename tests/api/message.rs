@@ -51,6 +51,7 @@ fn text(to: i64, content: &str) -> proto::SendMessageRequest {
         content: content.into(),
         parent_id: None,
         conversation_id: None,
+        request_id: None,
     }
 }
 
@@ -996,6 +997,7 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
         parent_id: None,
         conversation_id: "c".into(),
         now: app.state.clock.now().micros(),
+        request: None,
     };
     let count_sent = || app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id);
     // One transaction: a message from a user who does not exist fails it whole.
@@ -1022,7 +1024,7 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
         ])
         .await
         .unwrap();
-    assert_eq!(answers[0].as_ref().unwrap().content, "note");
+    assert_eq!(answers[0].as_ref().unwrap().message.content, "note");
     assert!(matches!(
         answers[1],
         Err(StorageError::NotFound("recipient"))
@@ -1038,7 +1040,7 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
         writer.insert(message(ann.id, bob.id, "fine")),
         writer.insert(message(987_654, bob.id, "orphan"))
     );
-    assert_eq!(good.unwrap().content, "fine");
+    assert_eq!(good.unwrap().message.content, "fine");
     assert!(bad.is_err());
     assert_eq!(count_sent().await, 2);
     app.stop().await;

@@ -257,6 +257,7 @@ async fn sends_in_flight_at_shutdown_are_answered_and_every_ok_one_is_stored(bac
                             content: format!("in flight {i}"),
                             parent_id: None,
                             conversation_id: None,
+                            request_id: None,
                         },
                         &token,
                     ))
@@ -484,6 +485,30 @@ const HTTP_RULES: &[(&str, &str, &str, bool)] = &[
         "MessageService",
         "StreamMessages",
         "get /messages:stream",
+        false,
+    ),
+    (
+        "MessageService",
+        "EditMessage",
+        "patch /messages/{message_id}",
+        true,
+    ),
+    (
+        "MessageService",
+        "GetUnreadCount",
+        "get /messages:unreadCount",
+        false,
+    ),
+    (
+        "MessageService",
+        "MarkConversationRead",
+        "post /conversations:markRead",
+        true,
+    ),
+    (
+        "MessageService",
+        "SearchMessages",
+        "get /messages:search",
         false,
     ),
 ];

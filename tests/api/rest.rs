@@ -371,6 +371,34 @@ async fn every_route_of_the_openapi_document_answers_through_rest(backend: Backe
         Some(json!({"message_ids": [message]}))
     );
     assert_eq!(read.body["updated_count"], 1);
+    let edited = ok!(
+        "PATCH",
+        format!("/messages/{message}"),
+        b,
+        Some(json!({"content": "hello again, carl"}))
+    );
+    assert_eq!(edited.body["message"]["content"], "hello again, carl");
+    assert!(edited.body["message"]["edited_at"].is_string());
+    let found = ok!("GET", "/messages:search?query=AGAIN".into(), c, None);
+    assert_eq!(found.body["messages"][0]["id"], sent.body["message"]["id"]);
+    ok!(
+        "POST",
+        "/messages".into(),
+        b,
+        Some(json!({"recipient_id": carl.user_id, "content": "unread", "request_id": "r-1"}))
+    );
+    let unread = ok!("GET", "/messages:unreadCount".into(), c, None);
+    assert_eq!(unread.body["total"], "1");
+    let marked = ok!(
+        "POST",
+        "/conversations:markRead".into(),
+        c,
+        Some(json!({
+            "conversation_id": sent.body["message"]["conversation_id"],
+            "other_user_id": bob.user_id,
+        }))
+    );
+    assert_eq!(marked.body["updated_count"], 1);
     ok!("DELETE", format!("/messages/{message}"), b, None);
     // The stream answers 200 with its headers; reading it is tested below.
     let stream = rest
@@ -637,7 +665,7 @@ async fn a_missing_or_bad_token_is_401_with_www_authenticate(backend: Backend) {
             checked += 1;
         }
     }
-    assert_eq!(checked, 33 - 6);
+    assert_eq!(checked, 37 - 6);
     app.stop().await;
 }
 
@@ -792,6 +820,10 @@ async fn a_streamed_event_arrives_as_ndjson_and_as_sse(backend: Backend) {
         .unwrap();
     assert_eq!(events.headers()["content-type"], "text/event-stream");
 
+    let before = rest
+        .call("GET", "/messages", Some(&carl.access_token), None)
+        .await;
+    let last_event_id = id(&before.body["last_event_id"]);
     let sent = rest
         .post(
             "/messages",
@@ -799,7 +831,10 @@ async fn a_streamed_event_arrives_as_ndjson_and_as_sse(backend: Backend) {
             json!({"recipient_id": carl.user_id, "content": "live"}),
         )
         .await;
-    let expected = json!({"result": {"created": sent.body["message"]}});
+    let expected = json!({"result": {
+        "created": sent.body["message"],
+        "event_id": (last_event_id + 1).to_string(),
+    }});
     let mut lines = lines.bytes_stream();
     let line = read_events(&mut lines, "\n", 1, Duration::from_secs(2)).await;
     assert_eq!(serde_json::from_str::<Value>(&line[0]).unwrap(), expected);

@@ -355,7 +355,7 @@ mod tests {
             .values()
             .map(|path| path.as_object().unwrap().len())
             .sum();
-        assert_eq!(operations, 33 + 1, "33 RPC routes and /health");
+        assert_eq!(operations, 37 + 1, "37 RPC routes and /health");
         let text = document.to_string();
         let schemas = document["components"]["schemas"].as_object().unwrap();
         for reference in text.split("\"#/components/schemas/").skip(1) {

@@ -288,7 +288,7 @@ mod tests {
 
     #[test]
     fn every_rpc_of_the_four_services_has_a_route() {
-        assert_eq!(table().routes().len(), 33);
+        assert_eq!(table().routes().len(), 37);
     }
 
     #[test]

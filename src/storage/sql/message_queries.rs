@@ -22,6 +22,34 @@ macro_rules! impl_message_queries {
                 }
             };
             let mut query = sqlx::QueryBuilder::<$db>::new("");
+            if let Some(parent_id) = filter.parent_id {
+                // A thread: one range scan of (parent_id, created_at, id);
+                // the other filters only narrow it.
+                query
+                    .push("SELECT * FROM messages WHERE parent_id = ")
+                    .push_bind(parent_id)
+                    .push(" AND (sender_id = ")
+                    .push_bind(user_id)
+                    .push(" OR recipient_id = ")
+                    .push_bind(user_id)
+                    .push(")");
+                if let Some(other) = filter.with_user_id {
+                    query
+                        .push(" AND user_low = ")
+                        .push_bind(user_id.min(other))
+                        .push(" AND user_high = ")
+                        .push_bind(user_id.max(other));
+                }
+                conversation(&mut query);
+                if filter.unread_only {
+                    query
+                        .push(" AND recipient_id = ")
+                        .push_bind(user_id)
+                        .push(" AND is_read = FALSE");
+                }
+                push_page(&mut query, before, limit);
+                return Ok(query.build_query_as().fetch_all(pool).await?);
+            }
             match (filter.with_user_id, filter.unread_only) {
                 (Some(other), unread_only) => {
                     query

@@ -64,6 +64,52 @@ macro_rules! impl_repositories {
     };
 }
 
+/// What a batch does with each message it was handed.
+pub(crate) enum Plan {
+    /// Store it (so far: later checks may still refuse it).
+    Store,
+    /// Refused, alone.
+    Refused(super::StorageError),
+    /// A retry of a send stored before: answer with that message.
+    Replay { message_id: i64 },
+    /// A retry of the batch's message at this index: the same answer.
+    SameAs(usize),
+}
+
+/// The refusal of a batch's first message, again for its retry in the same
+/// batch (errors carrying a driver error are never per-message refusals).
+pub(crate) fn same_refusal(error: &super::StorageError) -> super::StorageError {
+    use super::StorageError::{Conflict, NotFound, RecipientDisabled, RequestMismatch};
+    match error {
+        Conflict(field) => Conflict(field),
+        NotFound(what) => NotFound(what),
+        RecipientDisabled => RecipientDisabled,
+        RequestMismatch(field) => RequestMismatch(field),
+        _ => NotFound("message"),
+    }
+}
+
+/// `query` as a LIKE pattern that finds it anywhere, with only ASCII
+/// letters lower-cased (SearchMessages ignores ASCII case, no other) and
+/// `%`, `_` and `\\` escaped.
+pub(crate) fn ascii_substring_pattern(query: &str) -> String {
+    let mut pattern = String::with_capacity(query.len() + 2);
+    pattern.push('%');
+    for c in query.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c.to_ascii_lowercase());
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// `query` as an FTS5 phrase: in double quotes, inner quotes doubled.
+pub(crate) fn fts_phrase(query: &str) -> String {
+    format!("\"{}\"", query.replace('"', "\"\""))
+}
+
 /// `query` as a LIKE pattern body, lower-cased, with `%`, `_` and `\\` escaped.
 pub(crate) fn like_pattern(query: &str) -> String {
     let mut pattern = String::with_capacity(query.len());
@@ -84,6 +130,12 @@ pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn search_patterns_fold_ascii_only_and_escape_wildcards() {
+        assert_eq!(super::ascii_substring_pattern("AbÉ_%"), "%abÉ\\_\\%%");
+        assert_eq!(super::fts_phrase("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+
     #[test]
     fn like_patterns_escape_their_wildcards() {
         assert_eq!(super::like_pattern("A_b%c\\d"), "a\\_b\\%c\\\\d");

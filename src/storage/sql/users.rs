@@ -198,7 +198,15 @@ macro_rules! impl_user_repository {
                 );
                 // Children first, explicitly, so the outcome does not hang on
                 // cascade settings; messages go with their sender or recipient.
+                // Their messages leave no trace in any event log: the other
+                // participants' logs are found through the conversation rows.
                 for statement in [
+                    "DELETE FROM message_events WHERE user_id IN \
+                     (SELECT other_user_id FROM conversation_members WHERE user_id = $1) \
+                     AND (sender_id = $1 OR recipient_id = $1)",
+                    "DELETE FROM message_events WHERE user_id = $1",
+                    "DELETE FROM message_event_heads WHERE user_id = $1",
+                    "DELETE FROM message_requests WHERE sender_id = $1",
                     "DELETE FROM conversation_members WHERE user_id = $1 OR other_user_id = $1",
                     "DELETE FROM refresh_tokens WHERE user_id = $1",
                     "DELETE FROM sessions WHERE user_id = $1",

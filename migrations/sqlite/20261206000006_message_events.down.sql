@@ -1,0 +1,11 @@
+DROP TRIGGER messages_fts_update;
+DROP TRIGGER messages_fts_delete;
+DROP TRIGGER messages_fts_insert;
+DROP TABLE messages_fts;
+DROP TABLE message_requests;
+DROP TABLE message_events;
+DROP TABLE message_event_heads;
+DROP INDEX messages_parent_created_idx;
+CREATE INDEX messages_parent_id_idx ON messages (parent_id);
+ALTER TABLE messages DROP COLUMN reply_count;
+ALTER TABLE messages DROP COLUMN edited_at;
