@@ -318,6 +318,9 @@ impl Application {
             Arc::clone(&state),
             stop_tx.subscribe(),
         )));
+        background.push(tokio::spawn(
+            crate::services::message::index_text_regularly(Arc::clone(&state), stop_tx.subscribe()),
+        ));
         background.push(tokio::spawn(health::probe_database(
             Arc::clone(&state.db),
             health_reporter.clone(),

@@ -86,6 +86,35 @@ impl Seeder {
         Ok(())
     }
 
+    /// Messages from `sender` to `recipient`, stored 256 to a transaction
+    /// as the group commit would (each with its events).
+    pub async fn messages(
+        &self,
+        sender: i64,
+        recipient: i64,
+        contents: impl IntoIterator<Item = String>,
+    ) -> anyhow::Result<()> {
+        let conversation_id = default_conversation_id(recipient, sender);
+        let mut batch = Vec::with_capacity(256);
+        let mut contents = contents.into_iter().peekable();
+        while contents.peek().is_some() {
+            batch.clear();
+            batch.extend(contents.by_ref().take(256).map(|content| NewMessage {
+                sender_id: sender,
+                recipient_id: recipient,
+                content,
+                parent_id: None,
+                conversation_id: conversation_id.clone(),
+                now: self.state.clock.now().micros(),
+                request: None,
+            }));
+            for answer in self.state.db.insert_messages(batch.clone()).await? {
+                answer?;
+            }
+        }
+        Ok(())
+    }
+
     /// Users with an open stream on this server.
     pub fn subscribed_users(&self) -> usize {
         self.state.events.subscribed_users()

@@ -6,7 +6,9 @@
 //!     cargo run --release --bin ai-message-bench -- [--seconds 5] [--concurrency 64]
 //!         [--connections 4] [--bcrypt-cost 12] [--json results.json]
 //!         [--scenarios health,getme,rest-getme,validate,validate-batch,offline-verify,
-//!                      send,rest-send,list,login,stream,idle]
+//!                      send,rest-send,list,replay,search,login,stream,idle]
+//!         (replay: 10,000 missed events caught up from a cursor; search:
+//!         SearchMessages over 100,000 messages)
 //!         (offline-verify: the example verifier, examples/verifier, checking
 //!         EdDSA tokens of a second server with its published keys alone)
 //!         (rest-*: the same calls as REST/JSON over HTTP/1.1 keep-alive
@@ -39,7 +41,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ALL_SCENARIOS: [&str; 13] = [
+const ALL_SCENARIOS: [&str; 15] = [
     "health",
     "getme",
     "metrics-overhead",
@@ -50,6 +52,8 @@ const ALL_SCENARIOS: [&str; 13] = [
     "send",
     "rest-send",
     "list",
+    "replay",
+    "search",
     "login",
     "stream",
     "idle",
@@ -570,6 +574,97 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     name: "ListMessages (10k, first page)".into(),
                     sample,
                 });
+            }
+            "replay" => {
+                // A client reconnecting after missing 10,000 events: from
+                // its cursor to the last replayed event, three times.
+                let users = mint_users(&seeder, "replay", 2).await?;
+                let ((sender, _), (reader, token)) = (&users[0], &users[1]);
+                seeder
+                    .messages(
+                        *sender,
+                        *reader,
+                        (0..REPLAY_EVENTS).map(|i| format!("missed message {i}")),
+                    )
+                    .await?;
+                let mut rates = Vec::new();
+                for _ in 0..3 {
+                    let mut client = MessageServiceClient::new(channel(0));
+                    let started = Instant::now();
+                    let mut stream = client
+                        .stream_messages(bearer(
+                            proto::StreamMessagesRequest {
+                                after_event_id: Some(0),
+                            },
+                            token,
+                        ))
+                        .await?
+                        .into_inner();
+                    let mut received = 0;
+                    while received < REPLAY_EVENTS {
+                        match stream.message().await? {
+                            Some(_) => received += 1,
+                            None => anyhow::bail!("the replay ended after {received} events"),
+                        }
+                    }
+                    rates.push(REPLAY_EVENTS as f64 / started.elapsed().as_secs_f64());
+                }
+                rates.sort_by(f64::total_cmp);
+                summary.push(format!(
+                    "Replay of {REPLAY_EVENTS} missed events (StreamMessages after_event_id, one stream): {:.0} events/s (median of 3; {:.0}-{:.0})",
+                    rates[1], rates[0], rates[2]
+                ));
+                extra.push(("replay_events_per_second".into(), rates[1]));
+            }
+            "search" => {
+                // One user with 100,000 messages; a word in 2% of them and
+                // one in 10, searched for the first page.
+                let users = mint_users(&seeder, "search", 2).await?;
+                let ((sender, _), (reader, token)) = (&users[0], &users[1]);
+                seeder
+                    .messages(
+                        *sender,
+                        *reader,
+                        (0..SEARCH_MESSAGES).map(|i| {
+                            let rare = if i % (SEARCH_MESSAGES / 10) == 7 {
+                                " Needle"
+                            } else {
+                                ""
+                            };
+                            format!("note {i} about topic{} and more{rare}", i % 50)
+                        }),
+                    )
+                    .await?;
+                for (name, query) in [
+                    ("common, 2% of rows", "TOPIC17 and"),
+                    ("rare, 10 rows", "needle"),
+                ] {
+                    let clients: Vec<_> = (0..concurrency)
+                        .map(|w| MessageServiceClient::new(channel(w)))
+                        .collect();
+                    let token = token.clone();
+                    let sample = drive(concurrency, duration, move |w, _| {
+                        let mut client = clients[w].clone();
+                        let request = bearer(
+                            proto::SearchMessagesRequest {
+                                query: query.into(),
+                                ..Default::default()
+                            },
+                            &token,
+                        );
+                        async move {
+                            client
+                                .search_messages(request)
+                                .await
+                                .is_ok_and(|r| !r.into_inner().messages.is_empty())
+                        }
+                    })
+                    .await;
+                    rows.push(Row {
+                        name: format!("SearchMessages (100k, {name})"),
+                        sample,
+                    });
+                }
             }
             "login" => {
                 // The median of five, on this thread, after one to warm up.
@@ -1105,6 +1200,11 @@ async fn offline_verify_rate(dir: &std::path::Path, duration: Duration) -> anyho
     let _ = server.await;
     Ok(total as f64 / duration.as_secs_f64())
 }
+
+/// Events a client missed in the `replay` scenario.
+const REPLAY_EVENTS: usize = 10_000;
+/// Messages searched through in the `search` scenario.
+const SEARCH_MESSAGES: usize = 100_000;
 
 /// Tokens per ValidateTokens call in the `validate-batch` scenario.
 const VALIDATE_BATCH: usize = 10;

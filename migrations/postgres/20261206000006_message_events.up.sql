@@ -7,9 +7,11 @@ ALTER TABLE messages ADD COLUMN reply_count BIGINT NOT NULL DEFAULT 0;
 UPDATE messages SET reply_count = r.replies
     FROM (SELECT parent_id, COUNT(*) AS replies FROM messages WHERE parent_id IS NOT NULL GROUP BY parent_id) AS r
     WHERE messages.id = r.parent_id;
--- Threads are listed newest first, so replies are indexed in that order.
+-- Threads are listed newest first, so replies are indexed in that order;
+-- messages that reply to nothing (most) are left out of the index.
 DROP INDEX messages_parent_id_idx;
-CREATE INDEX messages_parent_created_idx ON messages (parent_id, created_at, id);
+CREATE INDEX messages_parent_created_idx ON messages (parent_id, created_at, id)
+    WHERE parent_id IS NOT NULL;
 -- SearchMessages matches a substring ignoring ASCII case only: the index is
 -- on the content with exactly A-Z folded (lower() would fold more letters).
 CREATE INDEX messages_content_trgm_idx ON messages

@@ -1,8 +1,9 @@
 DROP TRIGGER messages_fts_update;
 DROP TRIGGER messages_fts_delete;
-DROP TRIGGER messages_fts_insert;
+DROP TABLE messages_fts_state;
 DROP TABLE messages_fts;
 DROP TABLE message_requests;
+DROP TRIGGER messages_log_created;
 DROP TABLE message_events;
 DROP TABLE message_event_heads;
 DROP INDEX messages_parent_created_idx;

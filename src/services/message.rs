@@ -821,3 +821,26 @@ pub async fn sweep_log_regularly(
         }
     }
 }
+
+/// How often new messages are added to the text index (where the database
+/// keeps it apart from the writes).
+const TEXT_INDEX_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Keeps the text index of SearchMessages caught up until `stop` turns true.
+pub async fn index_text_regularly(
+    state: Arc<AppState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(TEXT_INDEX_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(error) = state.db.index_text().await {
+                    tracing::debug!(error = %error, "text indexing failed; retrying later");
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}

@@ -799,6 +799,11 @@ pub trait Database:
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<()>;
 
+    /// Brings the text index of SearchMessages up to date with the stored
+    /// messages, where it is kept apart from the writes (SQLite); returns
+    /// how many messages it added. Searches are exact either way.
+    async fn index_text(&self) -> Result<u64>;
+
     /// Applies pending migrations.
     async fn migrate(&self) -> Result<(), anyhow::Error>;
 

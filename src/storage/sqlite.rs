@@ -24,6 +24,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 const BUSY_TIMEOUT: Duration = Duration::from_millis(4500);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(4500);
 const READERS: u32 = 8;
+/// Messages added to the text index in one transaction at most.
+const TEXT_INDEX_BATCH: i64 = 10_000;
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -105,20 +107,30 @@ impl SqliteStore {
         self.writer.begin_with("BEGIN IMMEDIATE").await
     }
 
-    /// No row locks to take: SQLite has one writer at a time.
+    /// New messages are logged by a trigger inside their INSERT: every
+    /// statement costs a hop to SQLite's worker thread, more than the work.
+    const LOGS_SENDS_BY_TRIGGER: bool = true;
+
     /// What turns a query into its plan.
     const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
 
+    /// No row locks to take: SQLite has one writer at a time.
     const ROW_LOCK: &'static str = "";
 
-    /// SearchMessages' condition: FTS5 trigrams find the candidates (they
-    /// fold case beyond ASCII, so they find a superset); `lower()`, which
-    /// folds ASCII letters only in SQLite, decides.
+    /// SearchMessages' condition: FTS5 trigrams find the candidates among
+    /// the indexed rows, a range of the primary key the few newer ones (see
+    /// `index_text`); trigrams fold case beyond ASCII, so they find a
+    /// superset, and `lower()`, which folds ASCII letters only in SQLite,
+    /// decides.
     fn push_text_match(query: &mut sqlx::QueryBuilder<Sqlite>, text: &str) {
         query
             .push("id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ")
             .push_bind(super::sql::fts_phrase(text))
-            .push(") AND instr(lower(content), ")
+            .push(
+                " UNION ALL SELECT id FROM messages \
+                 WHERE id > (SELECT indexed_up_to FROM messages_fts_state)) \
+                 AND instr(lower(content), ",
+            )
             .push_bind(text.to_ascii_lowercase())
             .push(") > 0");
     }
@@ -180,6 +192,43 @@ impl Database for SqliteStore {
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+
+    /// Adds the messages stored since the last run to the text index, at
+    /// most `TEXT_INDEX_BATCH` in one transaction.
+    async fn index_text(&self) -> Result<u64> {
+        let (indexed, newest): (i64, i64) = sqlx::query_as(
+            "SELECT indexed_up_to, (SELECT COALESCE(MAX(id), 0) FROM messages) FROM messages_fts_state",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        if newest <= indexed {
+            return Ok(0);
+        }
+        let until = newest.min(indexed.saturating_add(TEXT_INDEX_BATCH));
+        let mut tx = self.begin_write().await?;
+        // Read again under the write lock: another run may have gone first.
+        let indexed: i64 = sqlx::query_scalar("SELECT indexed_up_to FROM messages_fts_state")
+            .fetch_one(&mut *tx)
+            .await?;
+        if until <= indexed {
+            return Ok(0);
+        }
+        let added = sqlx::query(
+            "INSERT INTO messages_fts (rowid, content) \
+             SELECT id, content FROM messages WHERE id > $1 AND id <= $2",
+        )
+        .bind(indexed) // $1
+        .bind(until) // $2
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE messages_fts_state SET indexed_up_to = $1")
+            .bind(until) // $1
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(added)
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {

@@ -989,6 +989,59 @@ async fn search_finds_substrings_ignoring_ascii_case_pages_and_never_shows_other
     assert_eq!(all.len(), hits.len() + 1);
     assert!(hits.iter().all(|id| all.contains(id)));
     assert!(!all.contains(&strangers.id), "another pair's message");
+    // The same once the text index has taken every message (SQLite indexes
+    // new messages in the background; before that they are searched apart).
+    app.state.db.index_text().await.unwrap();
+    let indexed: Vec<i64> = search(&app, &ann, "HELLO", 100, String::new())
+        .await
+        .unwrap()
+        .messages
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(indexed, all);
+    // Edits and deletes show at once, of indexed messages and of new ones.
+    let edit = |message_id: i64, content: &str| {
+        let mut messages = app.messages.clone();
+        let request = with_bearer(
+            proto::EditMessageRequest {
+                message_id,
+                content: content.into(),
+            },
+            &ann.access_token,
+        );
+        async move { messages.edit_message(request).await.unwrap() }
+    };
+    let fresh = send(&app, &ann, text(bob.user_id, "fresh hello"))
+        .await
+        .unwrap();
+    edit(fresh.id, "fresh goodbye").await;
+    edit(hits[hits.len() - 1], "Say goodbye there").await;
+    app.messages
+        .clone()
+        .delete_message(with_bearer(
+            proto::DeleteMessageRequest {
+                message_id: hits[hits.len() - 2],
+            },
+            &ann.access_token,
+        ))
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let now: Vec<i64> = search(&app, &ann, "hello", 100, String::new())
+            .await
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(now.len(), all.len() - 2, "round {round}");
+        let goodbyes = search(&app, &ann, "GOODBYE", 0, String::new())
+            .await
+            .unwrap();
+        assert_eq!(goodbyes.messages.len(), 2, "round {round}");
+        app.state.db.index_text().await.unwrap();
+    }
     // ASCII letters only: É is not é.
     let accented = search(&app, &ann, "HÉLLO", 0, String::new()).await.unwrap();
     assert_eq!(accented.messages.len(), 1);
@@ -1057,6 +1110,7 @@ async fn search_uses_the_text_index(backend: Backend) {
     send(&app, &bob, text(ann.user_id, "the needle"))
         .await
         .unwrap();
+    app.state.db.index_text().await.unwrap();
     let plan = app
         .state
         .db

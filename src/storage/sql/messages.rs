@@ -43,14 +43,21 @@ macro_rules! impl_message_repository {
                 let mut tx = self.begin_write().await?;
                 // Recipients are checked inside the transaction that stores
                 // the messages, so none can be disabled in between.
-                let mut recipients = sqlx::QueryBuilder::<$db>::new("SELECT id, is_active FROM users WHERE id IN (");
+                // The same read gives every participant's newest event id,
+                // for a backend whose trigger logs the new messages (the
+                // write lock taken at `begin_write` keeps it current).
+                let mut recipients = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT u.id, u.is_active, COALESCE(h.last_event_id, 0) FROM users u \
+                     LEFT JOIN message_event_heads h ON h.user_id = u.id WHERE u.id IN (",
+                );
                 let mut ids = recipients.separated(", ");
-                for recipient_id in messages.iter().map(|m| m.recipient_id).collect::<BTreeSet<_>>() {
-                    ids.push_bind(recipient_id);
+                for user_id in messages.iter().flat_map(|m| [m.recipient_id, m.sender_id]).collect::<BTreeSet<_>>() {
+                    ids.push_bind(user_id);
                 }
                 recipients.push(")");
-                let active: HashMap<i64, bool> =
-                    recipients.build_query_as::<(i64, bool)>().fetch_all(&mut *tx).await?.into_iter().collect();
+                let participants = recipients.build_query_as::<(i64, bool, i64)>().fetch_all(&mut *tx).await?;
+                let active: HashMap<i64, bool> = participants.iter().map(|(id, active, _)| (*id, *active)).collect();
+                let mut heads: HashMap<i64, i64> = participants.into_iter().map(|(id, _, head)| (id, head)).collect();
                 let mut plans: Vec<$crate::storage::sql::Plan> = messages
                     .iter()
                     .map(|m| match active.get(&m.recipient_id) {
@@ -196,7 +203,26 @@ macro_rules! impl_message_repository {
                 }
                 let now = messages.iter().map(|m| m.now).max().unwrap_or_default();
                 let touched: Vec<i64> = stored.iter().flat_map(|m| [m.sender_id, m.recipient_id]).collect();
-                let logged = log_changes(&mut tx, MessageChange::Created, stored, now).await?;
+                let logged = if <$store>::LOGS_SENDS_BY_TRIGGER {
+                    // The trigger gave each participant the next id, message
+                    // by message in insertion (id) order, sender first.
+                    stored
+                        .into_iter()
+                        .map(|message| {
+                            let event_ids = message
+                                .audience()
+                                .map(|user_id| {
+                                    let head = heads.entry(user_id).or_insert(0);
+                                    *head += 1;
+                                    (user_id, *head)
+                                })
+                                .collect();
+                            LoggedChange { change: MessageChange::Created, message, event_ids }
+                        })
+                        .collect()
+                } else {
+                    log_changes(&mut tx, MessageChange::Created, stored, now).await?
+                };
                 let replayed = replayed_messages(&mut tx, &plans).await?;
                 tx.commit().await?;
                 if let Some(pages) = self.page_cache() {
@@ -643,10 +669,8 @@ macro_rules! impl_message_repository {
                  last_event_id = message_event_heads.last_event_id + excluded.last_event_id \
                  RETURNING user_id, last_event_id",
             );
+            let heads: Vec<(i64, i64)> = heads.build_query_as().fetch_all(&mut *conn).await?;
             let mut next: HashMap<i64, i64> = heads
-                .build_query_as::<(i64, i64)>()
-                .fetch_all(&mut *conn)
-                .await?
                 .into_iter()
                 .map(|(user_id, last)| (user_id, last - counts.get(&user_id).copied().unwrap_or(0) + 1))
                 .collect();
