@@ -115,6 +115,13 @@ impl Seeder {
         Ok(())
     }
 
+    /// Brings the text index up to date (the server's indexer would, within
+    /// a few ticks), so that a search benchmark measures the index.
+    pub async fn catch_up_text_index(&self) -> anyhow::Result<()> {
+        while self.state.db.index_text().await? > 0 {}
+        Ok(())
+    }
+
     /// Users with an open stream on this server.
     pub fn subscribed_users(&self) -> usize {
         self.state.events.subscribed_users()

@@ -635,6 +635,9 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                         }),
                     )
                     .await?;
+                seeder.catch_up_text_index().await?;
+                // Eight callers: the latency of a search, not a queue of them.
+                let concurrency = 8;
                 for (name, query) in [
                     ("common, 2% of rows", "TOPIC17 and"),
                     ("rare, 10 rows", "needle"),

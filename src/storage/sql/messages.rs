@@ -629,10 +629,13 @@ macro_rules! impl_message_repository {
             let mut query = sqlx::QueryBuilder::<$db>::new(prefix);
             query.push("SELECT * FROM messages WHERE ");
             <$store>::push_text_match(&mut query, text);
+            // Unary plus keeps the planners off the sender and recipient
+            // indexes (a scan of all the user's messages): the text index
+            // drives, the user only filters its candidates.
             query
-                .push(" AND (sender_id = ")
+                .push(" AND (+sender_id = ")
                 .push_bind(user_id)
-                .push(" OR recipient_id = ")
+                .push(" OR +recipient_id = ")
                 .push_bind(user_id)
                 .push(")");
             push_page(&mut query, before, limit);
