@@ -33,7 +33,7 @@ backend_tests!(
     first_pages_show_every_change_at_once_under_every_filter,
 );
 
-async fn send(
+pub(crate) async fn send(
     app: &TestApp,
     from: &LoggedIn,
     request: proto::SendMessageRequest,
@@ -45,7 +45,7 @@ async fn send(
         .map(|r| r.into_inner().message.unwrap())
 }
 
-fn text(to: i64, content: &str) -> proto::SendMessageRequest {
+pub(crate) fn text(to: i64, content: &str) -> proto::SendMessageRequest {
     proto::SendMessageRequest {
         recipient_id: to,
         content: content.into(),
@@ -62,7 +62,7 @@ fn in_conversation(to: i64, content: &str, conversation: &str) -> proto::SendMes
     }
 }
 
-async fn list(
+pub(crate) async fn list(
     app: &TestApp,
     who: &LoggedIn,
     request: proto::ListMessagesRequest,
@@ -72,6 +72,21 @@ async fn list(
         .list_messages(with_bearer(request, &who.access_token))
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// Every message of `who` (up to 1,000, newest first).
+pub(crate) async fn list_all(app: &TestApp, who: &LoggedIn) -> Vec<proto::Message> {
+    list(
+        app,
+        who,
+        proto::ListMessagesRequest {
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .messages
 }
 
 async fn conversations(
@@ -762,20 +777,11 @@ async fn three_hundred_concurrent_sends_from_ten_clients_are_all_stored(backend:
     assert_eq!(ids.len(), 300);
     let mut stored = 0;
     for user in &users {
-        stored += list(
-            &app,
-            user,
-            proto::ListMessagesRequest {
-                page_size: 1000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .messages
-        .iter()
-        .filter(|m| m.sender_id == user.user_id)
-        .count();
+        stored += list_all(&app, user)
+            .await
+            .iter()
+            .filter(|m| m.sender_id == user.user_id)
+            .count();
     }
     assert_eq!(stored, 300);
     app.stop().await;

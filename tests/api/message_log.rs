@@ -13,6 +13,7 @@ use crate::{
         Backend, LoggedIn, TestApp, assert_code, bad_request_fields, spawn_app, spawn_app_on_clock,
         with_bearer,
     },
+    message::{list, list_all, send, text},
 };
 
 backend_tests!(
@@ -31,26 +32,6 @@ backend_tests!(
 );
 
 const SOON: Duration = Duration::from_secs(5);
-
-fn text(to: i64, content: &str) -> proto::SendMessageRequest {
-    proto::SendMessageRequest {
-        recipient_id: to,
-        content: content.into(),
-        ..Default::default()
-    }
-}
-
-async fn send(
-    app: &TestApp,
-    from: &LoggedIn,
-    request: proto::SendMessageRequest,
-) -> Result<proto::Message, Status> {
-    app.messages
-        .clone()
-        .send_message(with_bearer(request, &from.access_token))
-        .await
-        .map(|r| r.into_inner().message.unwrap())
-}
 
 async fn stream_after(
     app: &TestApp,
@@ -83,18 +64,6 @@ fn message_of(event: &Event) -> &proto::Message {
     match event {
         Event::Created(m) | Event::Read(m) | Event::Deleted(m) | Event::Edited(m) => m,
     }
-}
-
-async fn list(
-    app: &TestApp,
-    who: &LoggedIn,
-    request: proto::ListMessagesRequest,
-) -> Result<proto::ListMessagesResponse, Status> {
-    app.messages
-        .clone()
-        .list_messages(with_bearer(request, &who.access_token))
-        .await
-        .map(tonic::Response::into_inner)
 }
 
 async fn latest_event_id(app: &TestApp, who: &LoggedIn) -> i64 {
@@ -839,20 +808,11 @@ async fn reply_and_unread_counts_stay_exact_under_concurrent_writes(backend: Bac
         )
         .await;
     assert_eq!(replies, 3 * 10 + 15);
-    let root_now = list(
-        &app,
-        &ann,
-        proto::ListMessagesRequest {
-            page_size: 1000,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .messages
-    .into_iter()
-    .find(|m| m.id == root.id)
-    .unwrap();
+    let root_now = list_all(&app, &ann)
+        .await
+        .into_iter()
+        .find(|m| m.id == root.id)
+        .unwrap();
     assert_eq!(i64::from(root_now.reply_count), replies);
     let unread = app
         .count(
