@@ -47,11 +47,10 @@ impl HubEvent {
     /// The users whose streams receive the event (once each).
     fn audience(&self) -> impl Iterator<Item = i64> {
         let users = match self {
-            Self::Message(logged) => [
-                Some(logged.message.sender_id),
-                (logged.message.recipient_id != logged.message.sender_id)
-                    .then_some(logged.message.recipient_id),
-            ],
+            Self::Message(logged) => {
+                let mut audience = logged.message.audience();
+                [audience.next(), audience.next()]
+            }
             Self::UserChanged { user_id } => [Some(*user_id), None],
             Self::AllUsersChanged => [None, None],
         };

@@ -39,21 +39,13 @@ CREATE TABLE message_events (
 ) WITHOUT ROWID;
 CREATE INDEX message_events_occurred_idx ON message_events (occurred_at);
 
--- A new message is logged by its own INSERT (sender first, then the
--- recipient of a message to someone else): a statement more per batch costs
--- more than the rows. Reads, edits and deletes are logged by the store.
+-- A new message is logged by its own INSERT (one event for each of its
+-- sender and recipient, once for a note to oneself): a statement more per
+-- batch costs more than the rows. Reads, edits and deletes are logged by
+-- the store.
 CREATE TRIGGER messages_log_created AFTER INSERT ON messages BEGIN
-    INSERT INTO message_event_heads (user_id, last_event_id) VALUES (new.sender_id, 1)
-        ON CONFLICT (user_id) DO UPDATE SET last_event_id = last_event_id + 1;
-    INSERT INTO message_events (user_id, event_id, kind, occurred_at, message_id, sender_id,
-            recipient_id, content, is_read, parent_id, conversation_id, created_at, read_at,
-            edited_at, reply_count)
-        SELECT user_id, last_event_id, 1, new.created_at, new.id, new.sender_id, new.recipient_id,
-            new.content, new.is_read, new.parent_id, new.conversation_id, new.created_at,
-            new.read_at, new.edited_at, new.reply_count
-        FROM message_event_heads WHERE user_id = new.sender_id;
     INSERT INTO message_event_heads (user_id, last_event_id)
-        SELECT new.recipient_id, 1 WHERE new.recipient_id <> new.sender_id
+        SELECT user_id, 1 FROM (SELECT new.sender_id AS user_id UNION SELECT new.recipient_id) WHERE TRUE
         ON CONFLICT (user_id) DO UPDATE SET last_event_id = last_event_id + 1;
     INSERT INTO message_events (user_id, event_id, kind, occurred_at, message_id, sender_id,
             recipient_id, content, is_read, parent_id, conversation_id, created_at, read_at,
@@ -61,7 +53,7 @@ CREATE TRIGGER messages_log_created AFTER INSERT ON messages BEGIN
         SELECT user_id, last_event_id, 1, new.created_at, new.id, new.sender_id, new.recipient_id,
             new.content, new.is_read, new.parent_id, new.conversation_id, new.created_at,
             new.read_at, new.edited_at, new.reply_count
-        FROM message_event_heads WHERE user_id = new.recipient_id AND new.recipient_id <> new.sender_id;
+        FROM message_event_heads WHERE user_id IN (new.sender_id, new.recipient_id);
 END;
 
 -- Idempotent sends: a sender's request_id names its first message for 24 h.

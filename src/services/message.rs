@@ -359,8 +359,7 @@ impl MessageApi {
     ) -> Result<i32, AppError> {
         let caller = self.state.authenticate(&request).await?;
         let body = request.into_inner();
-        let conversation_id = parse_conversation_id(&body.conversation_id)
-            .map_err(|violation| AppError::InvalidArgument(vec![violation]))?;
+        let conversation_id = parse_conversation_id(&body.conversation_id)?;
         let changed = self
             .state
             .db
@@ -404,8 +403,7 @@ impl MessageApi {
     ) -> Result<MessageRecord, AppError> {
         let caller = self.state.authenticate(&request).await?;
         let body = request.into_inner();
-        let content = parse_content(&body.content)
-            .map_err(|violation| AppError::InvalidArgument(vec![violation]))?;
+        let content = parse_content(&body.content)?;
         let message = self.own_message(&caller, body.message_id, "edit").await?;
         let edited = self
             .state
@@ -437,28 +435,17 @@ impl MessageApi {
         if cursor < 0 {
             return Err(AppError::invalid("after_event_id", "must not be negative"));
         }
-        let expired = || {
-            AppError::refused(
-                Reason::CursorExpired,
-                "the cursor is older than the events kept, or was never issued; \
-                 list messages to resync, then stream from their last_event_id",
-            )
-        };
         if cursor > head {
-            return Err(expired());
+            return Err(cursor_expired());
         }
-        if cursor < head {
-            let retention =
-                i64::try_from(self.state.config.event_retention.as_micros()).unwrap_or(i64::MAX);
-            let retained_since = self.state.clock.now().micros().saturating_sub(retention);
-            if !self
+        if cursor < head
+            && !self
                 .state
                 .db
-                .event_retained(user_id, cursor + 1, retained_since)
+                .event_retained(user_id, cursor + 1, retained_since(&self.state))
                 .await?
-            {
-                return Err(expired());
-            }
+        {
+            return Err(cursor_expired());
         }
         Ok((cursor, cursor < head))
     }
@@ -503,14 +490,7 @@ impl MessageApi {
                             .first()
                             .is_some_and(|first| first.event_id != expected)
                         {
-                            break Some(
-                                AppError::refused(
-                                    Reason::CursorExpired,
-                                    "some events after this one are no longer kept; \
-                                 list messages to resync, then stream from their last_event_id",
-                                )
-                                .into(),
-                            );
+                            break Some(cursor_expired().into());
                         }
                         let read = events.len();
                         let mut next = expected;
@@ -534,8 +514,11 @@ impl MessageApi {
                     // The database is away: the log keeps what happens meanwhile.
                     Err(error) => {
                         tracing::debug!(error = %error, "stream replay read failed; retrying");
-                        tokio::time::sleep(REPLAY_RETRY).await;
-                        continue;
+                        tokio::select! {
+                            () = tokio::time::sleep(REPLAY_RETRY) => continue,
+                            _ = feed.shutdown.changed() => break Some(shutting_down()),
+                            () = tokio::time::sleep_until(feed.expires) => break Some(session_ended()),
+                        }
                     }
                 }
             }
@@ -596,9 +579,7 @@ impl MessageApi {
                     }
                 }
                 () = tokio::time::sleep_until(feed.expires) => break Some(session_ended()),
-                _ = feed.shutdown.changed() => {
-                    break Some(Status::unavailable("the server is shutting down; resume from the last event_id received"));
-                }
+                _ = feed.shutdown.changed() => break Some(shutting_down()),
                 () = crate::events::channel_lost(&mut feed.subscription.connected) => {
                     break Some(Status::unavailable(
                         "real-time events were interrupted and some may be missing; \
@@ -610,6 +591,26 @@ impl MessageApi {
         feed.ended = true;
         ending.map(Err)
     }
+}
+
+/// A cursor some of whose following events are gone, or that was never
+/// issued: the client must resync.
+fn cursor_expired() -> AppError {
+    AppError::refused(
+        Reason::CursorExpired,
+        "events after this cursor are no longer kept, or it was never issued; \
+         list messages to resync, then stream from their last_event_id",
+    )
+}
+
+/// The oldest time whose events are still retained, at the server's "now".
+fn retained_since(state: &AppState) -> i64 {
+    let retention = i64::try_from(state.config.event_retention.as_micros()).unwrap_or(i64::MAX);
+    state.clock.now().micros().saturating_sub(retention)
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down; resume from the last event_id received")
 }
 
 /// One logged event as the stream sends it.
@@ -792,12 +793,10 @@ const LOG_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Deletes the message events past retention and the request ids older than
 /// 24 hours, at the server's "now".
 pub async fn sweep_log_once(state: &AppState) {
-    let now = state.clock.now().micros();
-    let retention = i64::try_from(state.config.event_retention.as_micros()).unwrap_or(i64::MAX);
-    let requests_before = now - crate::storage::REQUEST_ID_LIFETIME_MICROS;
+    let requests_before = state.clock.now().micros() - crate::storage::REQUEST_ID_LIFETIME_MICROS;
     match state
         .db
-        .sweep_message_log(now.saturating_sub(retention), requests_before)
+        .sweep_message_log(retained_since(state), requests_before)
         .await
     {
         Ok(0) => {}
@@ -808,18 +807,9 @@ pub async fn sweep_log_once(state: &AppState) {
 
 /// Sweeps every minute (or every retention period, if shorter) until `stop`
 /// turns true.
-pub async fn sweep_log_regularly(
-    state: Arc<AppState>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn sweep_log_regularly(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) {
     let period = LOG_SWEEP_INTERVAL.min(state.config.event_retention.max(Duration::from_secs(1)));
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => sweep_log_once(&state).await,
-            _ = stop.changed() => break,
-        }
-    }
+    super::every(period, stop, || sweep_log_once(&state)).await;
 }
 
 /// How often new messages are added to the text index (where the database
@@ -827,20 +817,11 @@ pub async fn sweep_log_regularly(
 const TEXT_INDEX_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Keeps the text index of SearchMessages caught up until `stop` turns true.
-pub async fn index_text_regularly(
-    state: Arc<AppState>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(TEXT_INDEX_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if let Err(error) = state.db.index_text().await {
-                    tracing::debug!(error = %error, "text indexing failed; retrying later");
-                }
-            }
-            _ = stop.changed() => break,
+pub async fn index_text_regularly(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) {
+    super::every(TEXT_INDEX_INTERVAL, stop, || async {
+        if let Err(error) = state.db.index_text().await {
+            tracing::debug!(error = %error, "text indexing failed; retrying later");
         }
-    }
+    })
+    .await;
 }

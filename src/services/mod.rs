@@ -33,6 +33,27 @@ use crate::{
     storage::{Database, UserProfile, batch::MessageWriter},
 };
 
+/// Runs `task` at once and then every `period` until `stop` turns true; a
+/// run that overruns the period delays the next rather than piling up.
+/// The background sweeps and the text indexer share it.
+pub async fn every<F, Fut>(
+    period: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+    mut task: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => task().await,
+            _ = stop.changed() => break,
+        }
+    }
+}
+
 /// The RPCs callable without a bearer token (every other one refuses a call
 /// without one), as full method names.
 const WITHOUT_BEARER: [&str; 6] = [

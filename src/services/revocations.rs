@@ -210,14 +210,8 @@ pub async fn sweep_once(state: &AppState) {
 }
 
 /// Sweeps every minute until `stop` turns true.
-pub async fn sweep_regularly(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => sweep_once(&state).await,
-            _ = stop.changed() => break,
-        }
-    }
+pub async fn sweep_regularly(state: Arc<AppState>, stop: watch::Receiver<bool>) {
+    super::every(SWEEP_INTERVAL, stop, || sweep_once(&state)).await;
 }
 
 #[cfg(test)]
