@@ -164,6 +164,10 @@ pub struct Config {
     pub event_retention: Duration,
     /// `AI_MESSAGE_METRICS_ADDR`: where `GET /metrics` listens; default none (off).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `AI_MESSAGE_NATS_URL`: the NATS server (`nats://host:port`) that
+    /// carries events between instances instead of the database's own
+    /// channel; default none.
+    pub nats_url: Option<NatsUrl>,
     /// HTTP/2 and gRPC limits (additions to the contract's variables).
     pub transport: TransportLimits,
 }
@@ -243,6 +247,7 @@ impl Config {
             validation_cache_ttl: Duration::from_secs(1),
             event_retention: Duration::from_secs(7 * 24 * 3600),
             metrics_addr: None,
+            nats_url: None,
             transport: TransportLimits::default(),
         }
     }
@@ -419,6 +424,12 @@ impl Config {
                 })?),
                 None => defaults.metrics_addr,
             },
+            nats_url: match get("AI_MESSAGE_NATS_URL") {
+                Some(text) => {
+                    Some(NatsUrl::parse(text.trim()).map_err(|m| bad("AI_MESSAGE_NATS_URL", m))?)
+                }
+                None => defaults.nats_url,
+            },
             transport,
             database,
         })
@@ -434,6 +445,43 @@ impl Config {
             bcrypt_cost: 4,
             ..Self::defaults(database)
         }
+    }
+}
+
+/// The NATS servers to connect to; its `Debug` hides any password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsUrl(String);
+
+impl fmt::Debug for NatsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NatsUrl({})", crate::storage::redact_password(&self.0))
+    }
+}
+
+impl NatsUrl {
+    /// `nats://host:port` (or `tls://`), a bare `host:port`, or several of
+    /// them separated by commas.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        for server in text.split(',').map(str::trim) {
+            let rest = ["nats://", "tls://"]
+                .iter()
+                .find_map(|scheme| server.strip_prefix(scheme))
+                .unwrap_or(server);
+            let authority = rest.rsplit('@').next().unwrap_or(rest);
+            let valid = authority.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok()
+            }) && !server.contains(char::is_whitespace);
+            if !valid {
+                return Err(format!(
+                    "{server:?} is not a NATS address such as nats://127.0.0.1:4222"
+                ));
+            }
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -765,6 +813,7 @@ mod tests {
             "AI_MESSAGE_VALIDATION_CACHE_TTL",
             "AI_MESSAGE_EVENT_RETENTION",
             "AI_MESSAGE_METRICS_ADDR",
+            "AI_MESSAGE_NATS_URL",
         ] {
             assert!(
                 values.contains_key(variable),
@@ -830,6 +879,25 @@ mod tests {
         .unwrap();
         let text = format!("{config:?}");
         assert!(!text.contains("hunter2"));
+        let nats = NatsUrl::parse("nats://app:swordfish@bus:4222").unwrap();
+        assert!(!format!("{nats:?}").contains("swordfish"));
         assert!(!text.contains(&key));
+    }
+
+    #[test]
+    fn nats_urls_name_a_host_and_port() {
+        let nats = |text: &str| config(&[("AI_MESSAGE_NATS_URL", text)]).map(|c| c.nats_url);
+        assert_eq!(nats("").unwrap(), None);
+        for good in [
+            "nats://127.0.0.1:4222",
+            "bus:4222",
+            "tls://a:1, nats://u:p@b:2",
+        ] {
+            assert_eq!(nats(good).unwrap().unwrap().as_str(), good);
+        }
+        for bad in ["nats://bus", "http://bus:4222", "nats://:4222", "bus:port"] {
+            let error = nats(bad).unwrap_err();
+            assert_eq!(error.variable, "AI_MESSAGE_NATS_URL", "{bad}");
+        }
     }
 }

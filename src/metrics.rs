@@ -83,6 +83,7 @@ pub struct Metrics {
     sessions_revoked: Family<Labels, Counter>,
     resident_memory: Gauge,
     open_fds: Gauge,
+    event_bus_connected: Gauge,
 }
 
 /// Latency buckets from 0.5 ms to about 16 s.
@@ -188,6 +189,12 @@ impl Metrics {
             "Open file descriptors",
             open_fds.clone(),
         );
+        let event_bus_connected = Gauge::default();
+        registry.register(
+            "ai_message_event_bus_connected",
+            "Whether every instance's events reach this one (1) or not (0)",
+            event_bus_connected.clone(),
+        );
         Arc::new(Self {
             registry,
             rpcs,
@@ -199,6 +206,7 @@ impl Metrics {
             sessions_revoked,
             resident_memory,
             open_fds,
+            event_bus_connected,
         })
     }
 
@@ -249,7 +257,8 @@ impl Metrics {
     }
 
     /// The text exposition, after sampling the gauges that are read, not fed.
-    pub fn render(&self, pool: crate::storage::PoolState) -> String {
+    pub fn render(&self, pool: crate::storage::PoolState, event_bus_connected: bool) -> String {
+        self.event_bus_connected.set(i64::from(event_bus_connected));
         for (state, value) in [("idle", pool.idle), ("in_use", pool.in_use)] {
             self.db_connections
                 .get_or_create(&vec![("state", state.to_owned())])
@@ -296,7 +305,7 @@ mod tests {
         login.started();
         login.handled(Code::Unauthenticated, Duration::from_millis(3));
         metrics.refused("LOGIN_FAILED");
-        let text = metrics.render(crate::storage::PoolState { idle: 2, in_use: 1 });
+        let text = metrics.render(crate::storage::PoolState { idle: 2, in_use: 1 }, false);
         assert!(text.contains(
             r#"grpc_server_started_total{grpc_service="aimessage.v1.AuthService",grpc_method="Login",grpc_type="unary"} 1"#
         ), "{text}");
@@ -312,6 +321,7 @@ mod tests {
             text.contains(r#"ai_message_db_connections{state="in_use"} 1"#),
             "{text}"
         );
+        assert!(text.contains("ai_message_event_bus_connected 0"), "{text}");
         assert!(
             text.contains(r#"ai_message_build_info{version=""#),
             "{text}"

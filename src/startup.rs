@@ -18,7 +18,7 @@ use crate::{
     config::{Config, DatabaseTarget, redact_password},
     connections::{self, ConnectionLimits},
     domain::{Clock, SystemClock},
-    events::EventHub,
+    events::{EventHub, nats::NatsEventChannel},
     proto::{
         self, auth_service_server::AuthServiceServer, message_service_server::MessageServiceServer,
         session_service_server::SessionServiceServer,
@@ -208,14 +208,29 @@ impl Application {
         let sessions = Arc::new(SessionCache::default());
         let (authenticator, touch_task) =
             Authenticator::new(Arc::clone(&db), Arc::clone(&sessions), closing_rx);
+        // Events between instances: the NATS bus when configured, else the
+        // database's own channel (none for SQLite).
+        let (event_channel, bus_is_database) = match &config.nats_url {
+            Some(url) => {
+                let deployment_id = db
+                    .deployment_id()
+                    .await
+                    .context("DATABASE_URL: cannot read the deployment id")?;
+                let bus: Arc<dyn crate::storage::EventChannel> =
+                    NatsEventChannel::connect(url, &deployment_id).await?;
+                (Some(bus), false)
+            }
+            None => (db.event_channel(), true),
+        };
         let events = EventHub::new(
-            db.event_channel(),
+            event_channel.clone(),
             Arc::clone(&sessions),
             Arc::clone(&clock),
+            bus_is_database,
         );
         // Listening before the first call, so a stream is subscribed on every
         // instance from the moment its headers go out.
-        let event_listener = match db.event_channel() {
+        let event_listener = match event_channel {
             Some(channel) => {
                 let hub = Arc::clone(&events);
                 let deliver = Arc::new(move |payload: String| hub.deliver_payload(&payload));
@@ -231,7 +246,7 @@ impl Application {
                             stop_rx.clone(),
                         )
                         .await
-                        .context("DATABASE_URL: cannot LISTEN for stream events")?,
+                        .context("cannot listen for stream events")?,
                 )
             }
             None => None,
@@ -300,8 +315,7 @@ impl Application {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         // Every name is registered before the first call can arrive; the probe
         // then keeps them current.
-        let initial = if state.db.ping().await.is_ok() && *state.events.connection_state().borrow()
-        {
+        let initial = if state.db.ping().await.is_ok() && *state.events.health_state().borrow() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -325,7 +339,7 @@ impl Application {
             Arc::clone(&state.db),
             health_reporter.clone(),
             Arc::clone(&state.readiness),
-            state.events.connection_state(),
+            state.events.health_state(),
             stop_tx.subscribe(),
         )));
 
@@ -503,7 +517,10 @@ async fn serve_metrics(
                         let (status, body) = if request.uri().path() == "/metrics" {
                             (
                                 http::StatusCode::OK,
-                                state.metrics.render(state.db.pool_state()),
+                                state.metrics.render(
+                                    state.db.pool_state(),
+                                    *state.events.connection_state().borrow(),
+                                ),
                             )
                         } else {
                             (

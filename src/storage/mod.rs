@@ -766,12 +766,13 @@ pub enum Reservation {
     AccountThrottled { until: i64 },
 }
 
-/// Carries stream events between server instances sharing one database.
+/// Carries stream events between server instances sharing one database:
+/// the database's own channel (PostgreSQL LISTEN/NOTIFY) or an event bus.
 #[async_trait]
 pub trait EventChannel: Send + Sync {
     /// Sends `payload` to the listeners of every instance, this one included;
     /// `now` (microseconds) dates what is stored for it.
-    async fn publish(&self, payload: String, now: i64) -> Result<()>;
+    async fn publish(&self, payload: String, now: i64) -> anyhow::Result<()>;
 
     /// Starts listening (connected and subscribed when this returns), then
     /// hands each payload to `deliver` until `stop` turns true. `connected`
@@ -784,7 +785,7 @@ pub trait EventChannel: Send + Sync {
         connected: tokio::sync::watch::Sender<bool>,
         now: Clock,
         stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<tokio::task::JoinHandle<()>>;
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>>;
 }
 
 /// One backend: every repository plus the operational calls.
@@ -798,6 +799,10 @@ pub trait Database:
 
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<()>;
+
+    /// This database's id, taken at its first migration: it names the event
+    /// bus subjects of the instances that share the database.
+    async fn deployment_id(&self) -> Result<String>;
 
     /// Brings the text index of SearchMessages up to date with the stored
     /// messages, where it is kept apart from the writes (SQLite); returns

@@ -109,6 +109,12 @@ impl Database for PostgresStore {
         Ok(())
     }
 
+    async fn deployment_id(&self) -> Result<String> {
+        Ok(sqlx::query_scalar("SELECT id FROM deployment")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Nothing to do: the trigram index takes each row as it is written
     /// (GIN's pending list already defers the work).
     async fn index_text(&self) -> Result<u64> {
@@ -148,7 +154,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 #[async_trait]
 impl EventChannel for PgEventChannel {
-    async fn publish(&self, payload: String, now: i64) -> Result<()> {
+    async fn publish(&self, payload: String, now: i64) -> anyhow::Result<()> {
         if payload.len() <= MAX_INLINE_PAYLOAD {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL) // $1
@@ -175,7 +181,7 @@ impl EventChannel for PgEventChannel {
         connected: tokio::sync::watch::Sender<bool>,
         now: super::Clock,
         mut stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<tokio::task::JoinHandle<()>> {
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let mut listener = listen(&self.pool).await?;
         connected.send_replace(true);
         let pool = self.pool.clone();

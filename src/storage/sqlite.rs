@@ -194,6 +194,12 @@ impl Database for SqliteStore {
         Ok(())
     }
 
+    async fn deployment_id(&self) -> Result<String> {
+        Ok(sqlx::query_scalar("SELECT id FROM deployment")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
     /// Adds the messages stored since the last run to the text index, at
     /// most `TEXT_INDEX_BATCH` in one transaction.
     async fn index_text(&self) -> Result<u64> {

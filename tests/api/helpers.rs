@@ -24,6 +24,21 @@ pub enum Backend {
 }
 
 pub const POSTGRES_URL_VAR: &str = "TEST_POSTGRES_URL";
+/// The NATS server of the `postgres_nats` runs (CI sets it).
+pub const NATS_URL_VAR: &str = "TEST_NATS_URL";
+
+/// Where `TEST_NATS_URL` names a NATS server, that URL.
+pub fn nats_url() -> Option<String> {
+    std::env::var(NATS_URL_VAR)
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+tokio::task_local! {
+    /// Set around a test run over the NATS bus: every server the test
+    /// spawns (siblings included) then carries its events through NATS.
+    pub static NATS_BUS: String;
+}
 
 impl Backend {
     /// PostgreSQL tests run only where `TEST_POSTGRES_URL` is set (CI sets it).
@@ -35,7 +50,8 @@ impl Backend {
     }
 }
 
-/// One `#[tokio::test]` per backend for each named `async fn name(backend: Backend)`.
+/// One `#[tokio::test]` per backend for each named `async fn name(backend:
+/// Backend)`, plus one on PostgreSQL with NATS as the event bus.
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -55,6 +71,20 @@ macro_rules! backend_tests {
                         return;
                     }
                     super::$name($crate::helpers::Backend::Postgres).await;
+                }
+            )*
+        }
+        mod postgres_nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(nats) = $crate::helpers::nats_url().filter(|_| $crate::helpers::Backend::Postgres.available()) else {
+                        eprintln!("skipped: {} or {} is not set", $crate::helpers::POSTGRES_URL_VAR, $crate::helpers::NATS_URL_VAR);
+                        return;
+                    };
+                    $crate::helpers::NATS_BUS
+                        .scope(nats, super::$name($crate::helpers::Backend::Postgres))
+                        .await;
                 }
             )*
         }
@@ -169,6 +199,8 @@ pub struct TestApp {
     server: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
     _postgres: Option<PostgresDatabase>,
+    /// Deleted with the test's database (`None` for a sibling or without NATS).
+    bus_stream: Option<BusStream>,
 }
 
 pub const TEST_SECRET: &[u8] = b"test-secret-key-of-at-least-32-bytes!";
@@ -213,10 +245,22 @@ pub async fn spawn_app_on_clock(
     };
     let mut config = Config::for_tests(target);
     config.secret_key = Some(TEST_SECRET.to_vec().into());
+    if let Ok(url) = NATS_BUS.try_with(Clone::clone) {
+        config.nats_url = Some(ai_message::config::NatsUrl::parse(&url).unwrap());
+    }
     customize(&mut config);
     let app = Application::build_with_clock(config.clone(), clock)
         .await
         .unwrap();
+    let bus_stream = match &config.nats_url {
+        Some(url) => Some(BusStream {
+            url: url.as_str().to_owned(),
+            name: ai_message::events::nats::stream_name(
+                &app.state().db.deployment_id().await.unwrap(),
+            ),
+        }),
+        None => None,
+    };
     let port = app.port();
     let metrics_port = app.metrics_port();
     let state = app.state();
@@ -244,6 +288,33 @@ pub async fn spawn_app_on_clock(
         server: Some(server),
         _dir: dir,
         _postgres: postgres,
+        bus_stream,
+    }
+}
+
+/// The JetStream stream a test's deployment made on the shared NATS server:
+/// deleted when the test ends, so test runs leave nothing behind.
+pub struct BusStream {
+    url: String,
+    name: String,
+}
+
+impl Drop for BusStream {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(client) = async_nats::connect(url).await {
+                    let _ = async_nats::jetstream::new(client).delete_stream(name).await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -485,6 +556,8 @@ impl TestApp {
         .await;
         // The sibling shares this database: it must not drop it when it stops.
         sibling._postgres = None;
+        // Nor delete its bus stream (forgotten, not dropped: dropping deletes).
+        std::mem::forget(sibling.bus_stream.take());
         sibling.database_url = self.database_url.clone();
         sibling
     }
@@ -547,6 +620,37 @@ impl Drop for TestApp {
             let _ = shutdown.send(());
         }
     }
+}
+
+/// A TCP proxy to `upstream` (PostgreSQL, NATS) that forwards connections
+/// while `open` is true; closing it drops every forwarded connection and
+/// refuses new ones.
+pub async fn start_proxy(upstream: String) -> (u16, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (open_tx, open_rx) = tokio::sync::watch::channel(true);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let mut open = open_rx.clone();
+            if !*open.borrow() {
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = open.wait_for(|open| !open) => {}
+                }
+            });
+        }
+    });
+    (port, open_tx)
 }
 
 pub fn with_bearer<T>(message: T, token: &str) -> Request<T> {

@@ -13,6 +13,7 @@ mod auth;
 mod cli;
 mod crash;
 mod errors;
+mod event_bus;
 mod faults;
 mod fuzz;
 mod grpc_web;

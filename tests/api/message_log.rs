@@ -60,7 +60,7 @@ async fn next(
     }
 }
 
-fn message_of(event: &Event) -> &proto::Message {
+pub fn message_of(event: &Event) -> &proto::Message {
     match event {
         Event::Created(m) | Event::Read(m) | Event::Deleted(m) | Event::Edited(m) => m,
     }

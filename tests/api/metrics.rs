@@ -12,7 +12,7 @@ use crate::helpers::{Backend, PASSWORD, TestApp, assert_code, spawn_app_with, wi
 backend_tests!(a_scrape_after_known_calls_finds_every_series_with_its_values);
 
 /// The scrape as `series{labels} -> value`.
-async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+pub async fn scrape(app: &TestApp) -> HashMap<String, f64> {
     let port = app.metrics_port.expect("metrics are on");
     let response = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
@@ -39,7 +39,7 @@ fn rpc(service: &str, method: &str, kind: &str) -> String {
 }
 
 #[track_caller]
-fn value(scraped: &HashMap<String, f64>, series: &str) -> f64 {
+pub fn value(scraped: &HashMap<String, f64>, series: &str) -> f64 {
     *scraped.get(series).unwrap_or_else(|| {
         panic!(
             "no series {series} in {:#?}",
@@ -154,6 +154,8 @@ async fn a_scrape_after_known_calls_finds_every_series_with_its_values(backend: 
         ),
         1.0
     );
+    // Every instance's events reach this one (SQLite has no other instance).
+    assert_eq!(value(&scraped, "ai_message_event_bus_connected"), 1.0);
     assert!(value(&scraped, "process_resident_memory_bytes") > 1e6);
     assert!(value(&scraped, "process_open_fds") > 3.0);
     app.stop().await;

@@ -4,45 +4,14 @@
 use std::time::{Duration, Instant};
 
 use ai_message::{config::DatabaseTarget, proto};
-use tokio::{net::TcpListener, sync::watch};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with, with_bearer};
+use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with, start_proxy, with_bearer};
 
-/// Forwards connections to PostgreSQL while `open` is true; closing it drops
-/// every forwarded connection and refuses new ones.
-async fn start_proxy(upstream: String) -> (u16, watch::Sender<bool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (open_tx, open_rx) = watch::channel(true);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut client, _)) = listener.accept().await else {
-                return;
-            };
-            let mut open = open_rx.clone();
-            if !*open.borrow() {
-                continue;
-            }
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                    _ = open.wait_for(|open| !open) => {}
-                }
-            });
-        }
-    });
-    (port, open_tx)
-}
-
-async fn health(app: &TestApp) -> i32 {
+pub async fn health(app: &TestApp) -> i32 {
     HealthClient::new(app.channel.clone())
         .check(HealthCheckRequest {
             service: String::new(),
@@ -52,7 +21,7 @@ async fn health(app: &TestApp) -> i32 {
 }
 
 /// Waits up to `limit` for the overall health to become `status`.
-async fn wait_for_health(app: &TestApp, status: ServingStatus, limit: Duration) -> Duration {
+pub async fn wait_for_health(app: &TestApp, status: ServingStatus, limit: Duration) -> Duration {
     let started = Instant::now();
     while health(app).await != status as i32 {
         assert!(

@@ -1,9 +1,10 @@
 //! Real-time events for StreamMessages: a hub of per-user broadcast channels.
 //!
-//! Publishing goes through the database's event channel when there is one
-//! (PostgreSQL LISTEN/NOTIFY, so every instance sharing the database hears
-//! it, this one included) and straight to the local hub otherwise (SQLite,
-//! one process). Each user has a bounded channel: a subscriber that falls
+//! An event reaches this instance's subscribers at once, and other instances
+//! through the event channel when there is one: NATS (`nats`) when
+//! configured, else the database's own (PostgreSQL LISTEN/NOTIFY); SQLite,
+//! one process, needs none. Each event carries the id of the instance that
+//! published it, which ignores its own events when they come back. Each user has a bounded channel: a subscriber that falls
 //! more than `USER_CHANNEL_CAPACITY` events behind is told it lagged instead
 //! of holding others back or growing memory.
 //!
@@ -19,6 +20,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
+
+pub mod nats;
 
 use crate::{
     auth::cache::SessionCache,
@@ -58,7 +61,22 @@ impl HubEvent {
     }
 }
 
+/// An event as it travels between instances.
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    origin: u64,
+    event: &'a HubEvent,
+}
+
+#[derive(Deserialize)]
+struct Incoming {
+    origin: u64,
+    event: HubEvent,
+}
+
 pub struct EventHub {
+    /// Tells this instance's events from others' on the shared channel.
+    origin: u64,
     /// One channel per user with at least one open stream on this instance.
     channels: Mutex<HashMap<i64, broadcast::Sender<Arc<HubEvent>>>>,
     remote: Option<Arc<dyn EventChannel>>,
@@ -72,6 +90,12 @@ pub struct EventHub {
     /// Bumped whenever a user's sessions may have changed, on any instance:
     /// revocation feeds then read the log at once instead of at their poll.
     revocations: watch::Sender<u64>,
+    /// What health follows: the channel's state when the channel is the
+    /// database's own (its loss is the database's), else always up (an
+    /// event bus that is away leaves unary calls working).
+    health: watch::Receiver<bool>,
+    /// Keeps an always-up `health` open (its readers stop when it closes).
+    _always_up: Option<watch::Sender<bool>>,
 }
 
 /// The event channel is down: a subscription now would miss events silently.
@@ -111,9 +135,19 @@ impl EventHub {
         remote: Option<Arc<dyn EventChannel>>,
         sessions: Arc<SessionCache>,
         clock: Arc<dyn Clock>,
+        channel_is_database: bool,
     ) -> Arc<Self> {
         let (connected, _) = watch::channel(remote.is_none());
+        let (health, always_up) = if channel_is_database {
+            (connected.subscribe(), None)
+        } else {
+            let (always_up, health) = watch::channel(true);
+            (health, Some(always_up))
+        };
         Arc::new(Self {
+            health,
+            _always_up: always_up,
+            origin: rand::random(),
             channels: Mutex::new(HashMap::new()),
             remote,
             sessions,
@@ -133,9 +167,14 @@ impl EventHub {
         self.connected.clone()
     }
 
-    /// Follows whether the event channel is up (for health).
+    /// Follows whether the event channel is up (for streams and the gauge).
     pub fn connection_state(&self) -> watch::Receiver<bool> {
         self.connected.subscribe()
+    }
+
+    /// Follows whether the event channel's state makes health NOT_SERVING.
+    pub fn health_state(&self) -> watch::Receiver<bool> {
+        self.health.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, broadcast::Sender<Arc<HubEvent>>>> {
@@ -166,29 +205,36 @@ impl EventHub {
         Ok(subscription)
     }
 
-    /// Sends the event to every instance (or just this one, without a channel).
-    /// A failure to reach the database is logged, not returned: the change
-    /// the event describes has already been committed.
+    /// Delivers the event here at once, then sends it to every other
+    /// instance (where there is a channel). A failure to reach them is
+    /// logged, not returned: the change the event describes has already
+    /// been committed, and their streams end while their channel is down.
     pub async fn publish(&self, event: HubEvent) {
+        let event = Arc::new(event);
+        self.deliver(Arc::clone(&event));
         let Some(remote) = &self.remote else {
-            self.deliver(Arc::new(event));
             return;
         };
-        match serde_json::to_string(&event) {
+        let outgoing = Outgoing {
+            origin: self.origin,
+            event: &event,
+        };
+        match serde_json::to_string(&outgoing) {
             Ok(payload) => {
                 if let Err(error) = remote.publish(payload, self.clock.now().micros()).await {
-                    tracing::warn!(error = %error, "publishing a stream event failed; delivering locally only");
-                    self.deliver(Arc::new(event));
+                    tracing::warn!(error = %error, "publishing a stream event to other instances failed");
                 }
             }
             Err(error) => tracing::error!(error = %error, "stream event did not serialize"),
         }
     }
 
-    /// Hands a payload from the database's event channel to local subscribers.
+    /// Hands an event from the channel to local subscribers, unless this
+    /// instance published it (its subscribers already have it).
     pub fn deliver_payload(&self, payload: &str) {
-        match serde_json::from_str::<HubEvent>(payload) {
-            Ok(event) => self.deliver(Arc::new(event)),
+        match serde_json::from_str::<Incoming>(payload) {
+            Ok(incoming) if incoming.origin == self.origin => {}
+            Ok(incoming) => self.deliver(Arc::new(incoming.event)),
             Err(error) => tracing::warn!(error = %error, "ignoring a malformed stream event"),
         }
     }
@@ -268,6 +314,7 @@ mod tests {
             None,
             Default::default(),
             Arc::new(crate::domain::SystemClock),
+            true,
         )
     }
 
@@ -333,7 +380,24 @@ mod tests {
         let event = logged(MessageChange::Read, 4, 5);
         let hub = local_hub();
         let mut recipient = hub.subscribe(5).unwrap();
-        hub.deliver_payload(&serde_json::to_string(&event).unwrap());
+        let from_elsewhere = Outgoing {
+            origin: hub.origin.wrapping_add(1),
+            event: &event,
+        };
+        hub.deliver_payload(&serde_json::to_string(&from_elsewhere).unwrap());
         assert_eq!(*recipient.receiver.try_recv().unwrap(), event);
+    }
+
+    #[test]
+    fn an_instance_ignores_its_own_events_coming_back() {
+        let event = logged(MessageChange::Created, 4, 5);
+        let hub = local_hub();
+        let mut recipient = hub.subscribe(5).unwrap();
+        let own = Outgoing {
+            origin: hub.origin,
+            event: &event,
+        };
+        hub.deliver_payload(&serde_json::to_string(&own).unwrap());
+        assert!(recipient.receiver.try_recv().is_err());
     }
 }
