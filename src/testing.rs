@@ -121,9 +121,4 @@ impl Seeder {
         while self.state.db.index_text().await? > 0 {}
         Ok(())
     }
-
-    /// Users with an open stream on this server.
-    pub fn subscribed_users(&self) -> usize {
-        self.state.events.subscribed_users()
-    }
 }

@@ -30,6 +30,7 @@ use ai_message::{
     proto::{
         self, auth_service_client::AuthServiceClient, message_service_client::MessageServiceClient,
     },
+    services::AppState,
     startup::Application,
     testing::Seeder,
 };
@@ -73,7 +74,8 @@ struct Options {
     /// HTTP/2 connections the callers share.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Comma-separated scenarios (`logs` is not in the default set).
+    /// Comma-separated scenarios (`logs` and `cluster`, which needs
+    /// PostgreSQL, are not in the default set).
     #[arg(long, value_delimiter = ',', default_values_t = ALL_SCENARIOS.map(String::from))]
     scenarios: Vec<String>,
     /// An empty database to run on (PostgreSQL: pgbench runs beside it);
@@ -89,6 +91,10 @@ struct Options {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// A NATS server (JetStream on): the `cluster` scenario then runs each
+    /// configuration over NATS as well as over PostgreSQL NOTIFY.
+    #[arg(long)]
+    nats_url: Option<String>,
 }
 
 /// Latencies of one scenario, in microseconds.
@@ -758,8 +764,21 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 });
             }
             "stream" => {
-                let sample =
-                    stream_delivery(&seeder, port, &channels, &tokens, 16, duration).await?;
+                let streamers = mint_users(&seeder, "streamer", STREAMS).await?;
+                let here = [Instance {
+                    port,
+                    channels: channels.clone(),
+                    state: Arc::clone(&seeder_state),
+                }];
+                let sample = stream_delivery(
+                    &here,
+                    &streamers,
+                    &tokens,
+                    16,
+                    duration,
+                    Some(STREAM_SEND_RATE),
+                )
+                .await?;
                 rows.push(Row {
                     name: format!("Stream delivery ({STREAMS} streams, 2k/s)"),
                     sample,
@@ -773,6 +792,43 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 ));
                 extra.push(("idle_streams_rss_mib".into(), after));
                 extra.push(("idle_streams_rss_growth_mib".into(), after - before));
+            }
+            "cluster" => {
+                let DatabaseTarget::Postgres(_) = &target else {
+                    anyhow::bail!("the cluster scenario needs --database-url postgres://…");
+                };
+                let streamers = mint_users(&seeder, "clustered", STREAMS).await?;
+                let buses = std::iter::once(("NOTIFY", None))
+                    .chain(options.nats_url.iter().map(|url| ("NATS", Some(url.clone()))));
+                for (bus, nats_url) in buses {
+                    for instances in [2, 3] {
+                        let mut config = Config::for_tests(target.clone());
+                        config.nats_url = match &nats_url {
+                            Some(url) => Some(
+                                ai_message::config::NatsUrl::parse(url)
+                                    .map_err(anyhow::Error::msg)?,
+                            ),
+                            None => None,
+                        };
+                        let cluster = Cluster::start(&config, instances, options.connections).await?;
+                        for (mode, rate) in [("2k/s", Some(STREAM_SEND_RATE)), ("max", None)] {
+                            let sample = stream_delivery(
+                                &cluster.instances,
+                                &streamers,
+                                &tokens,
+                                concurrency,
+                                duration,
+                                rate,
+                            )
+                            .await?;
+                            rows.push(Row {
+                                name: format!("{instances} inst. {bus}, {mode}, delivery"),
+                                sample,
+                            });
+                        }
+                        cluster.stop().await;
+                    }
+                }
             }
             other => anyhow::bail!("unknown scenario {other}"),
         }
@@ -1293,38 +1349,82 @@ async fn connect_many(port: u16, count: usize) -> anyhow::Result<Vec<Channel>> {
     Ok(channels)
 }
 
-/// Waits until the hub has `users` subscribed users (every stream is open).
-async fn until_subscribed(seeder: &Seeder, users: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seeder.subscribed_users() < users {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "streams did not open within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+
+/// A running server the delivery scenarios use: where its streams open, the
+/// connections its senders share, and its hub (to see the streams open).
+struct Instance {
+    port: u16,
+    channels: Vec<Channel>,
+    state: Arc<AppState>,
 }
 
-/// Send-to-receive latency with `STREAMS` open streams: senders write to the
-/// streaming users, each message carrying its send time; the sample's
-/// latencies are deliveries.
+/// Several servers on one database, as a deployment of `instances` would run.
+struct Cluster {
+    instances: Vec<Instance>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Cluster {
+    async fn start(config: &Config, instances: usize, connections: usize) -> anyhow::Result<Self> {
+        let mut cluster = Self {
+            instances: Vec::new(),
+            stops: Vec::new(),
+            servers: Vec::new(),
+        };
+        for _ in 0..instances {
+            let app = Application::build(config.clone()).await?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let port = app.port();
+            let state = app.state();
+            cluster.servers.push(tokio::spawn(app.run_until_stopped(async {
+                let _ = stopped.await;
+            })));
+            cluster.stops.push(stop);
+            cluster.instances.push(Instance {
+                port,
+                channels: connect_many(port, connections.max(1)).await?,
+                state,
+            });
+        }
+        Ok(cluster)
+    }
+
+    async fn stop(self) {
+        drop(self.instances);
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+        for server in self.servers {
+            let _ = server.await;
+        }
+    }
+}
+
+/// Send-to-receive latency: `streamers` each hold a stream, spread over the
+/// instances, and `concurrency` senders, spread over them too, write to
+/// them, each message carrying its send time; the sample's latencies are
+/// deliveries. `send_rate` paces the senders in all (latency of delivery,
+/// not of a queue of saturated senders); `None` sends as fast as they can.
 async fn stream_delivery(
-    seeder: &Seeder,
-    port: u16,
-    channels: &[Channel],
+    instances: &[Instance],
+    streamers: &[(i64, String)],
     tokens: &Arc<Vec<String>>,
     concurrency: usize,
     duration: Duration,
+    send_rate: Option<f64>,
 ) -> anyhow::Result<Sample> {
-    let streamers = mint_users(seeder, "streamer", STREAMS).await?;
-    let stream_channels = connect_many(port, STREAMS.div_ceil(200)).await?;
     let origin = Instant::now();
     let deliveries = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut listeners = Vec::new();
+    let mut stream_channels = Vec::new();
+    for instance in instances {
+        let share = streamers.len().div_ceil(instances.len());
+        stream_channels.push(connect_many(instance.port, share.div_ceil(200)).await?);
+    }
     for (i, (_, token)) in streamers.iter().enumerate() {
-        let mut client =
-            MessageServiceClient::new(stream_channels[i % stream_channels.len()].clone());
+        let on = &stream_channels[i % instances.len()];
+        let mut client = MessageServiceClient::new(on[(i / instances.len()) % on.len()].clone());
         let mut stream = client
             .stream_messages(bearer(proto::StreamMessagesRequest::default(), token))
             .await?
@@ -1343,15 +1443,25 @@ async fn stream_delivery(
             }
         }));
     }
-    until_subscribed(seeder, STREAMS).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while instances
+        .iter()
+        .map(|i| i.state.events.subscribed_users())
+        .sum::<usize>()
+        < streamers.len()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "streams did not open within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let recipients: Arc<Vec<i64>> = Arc::new(streamers.iter().map(|(id, _)| *id).collect());
     let clients: Vec<_> = (0..concurrency)
-        .map(|w| MessageServiceClient::new(channels[w % channels.len()].clone()))
+        .map(|w| {
+            let on = &instances[w % instances.len()].channels;
+            MessageServiceClient::new(on[(w / instances.len()) % on.len()].clone())
+        })
         .collect();
     let tokens = Arc::clone(tokens);
-    // Paced at STREAM_SEND_RATE in all: latency of delivery, not of a queue
-    // of saturated senders (SendMessage measures that).
-    let pause = Duration::from_secs_f64(concurrency as f64 / STREAM_SEND_RATE);
+    let pause = send_rate.map(|rate| Duration::from_secs_f64(concurrency as f64 / rate));
     let sends = drive(concurrency, duration, move |w, n| {
         let mut client = clients[w].clone();
         let to = recipients[(w * 7919 + n as usize * 31) % recipients.len()];
@@ -1367,7 +1477,9 @@ async fn stream_delivery(
         );
         async move {
             let ok = client.send_message(request).await.is_ok();
-            tokio::time::sleep(pause).await;
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
             ok
         }
     })
