@@ -1476,9 +1476,12 @@ async fn stream_delivery(
             &tokens[w % tokens.len()],
         );
         async move {
+            let started = Instant::now();
             let ok = client.send_message(request).await.is_ok();
+            // Paced by the clock, not by the answer: a slow answer does not
+            // lower the rate the streams see.
             if let Some(pause) = pause {
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(pause.saturating_sub(started.elapsed())).await;
             }
             ok
         }
