@@ -798,8 +798,12 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     anyhow::bail!("the cluster scenario needs --database-url postgres://…");
                 };
                 let streamers = mint_users(&seeder, "clustered", STREAMS).await?;
-                let buses = std::iter::once(("NOTIFY", None))
-                    .chain(options.nats_url.iter().map(|url| ("NATS", Some(url.clone()))));
+                let buses = std::iter::once(("NOTIFY", None)).chain(
+                    options
+                        .nats_url
+                        .iter()
+                        .map(|url| ("NATS", Some(url.clone()))),
+                );
                 for (bus, nats_url) in buses {
                     for instances in [2, 3] {
                         let mut config = Config::for_tests(target.clone());
@@ -810,7 +814,8 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                             ),
                             None => None,
                         };
-                        let cluster = Cluster::start(&config, instances, options.connections).await?;
+                        let cluster =
+                            Cluster::start(&config, instances, options.connections).await?;
                         for (mode, rate) in [("2k/s", Some(STREAM_SEND_RATE)), ("max", None)] {
                             let sample = stream_delivery(
                                 &cluster.instances,
@@ -1349,7 +1354,6 @@ async fn connect_many(port: u16, count: usize) -> anyhow::Result<Vec<Channel>> {
     Ok(channels)
 }
 
-
 /// A running server the delivery scenarios use: where its streams open, the
 /// connections its senders share, and its hub (to see the streams open).
 struct Instance {
@@ -1377,9 +1381,11 @@ impl Cluster {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let port = app.port();
             let state = app.state();
-            cluster.servers.push(tokio::spawn(app.run_until_stopped(async {
-                let _ = stopped.await;
-            })));
+            cluster
+                .servers
+                .push(tokio::spawn(app.run_until_stopped(async {
+                    let _ = stopped.await;
+                })));
             cluster.stops.push(stop);
             cluster.instances.push(Instance {
                 port,
@@ -1450,7 +1456,10 @@ async fn stream_delivery(
         .sum::<usize>()
         < streamers.len()
     {
-        anyhow::ensure!(Instant::now() < deadline, "streams did not open within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "streams did not open within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let recipients: Arc<Vec<i64>> = Arc::new(streamers.iter().map(|(id, _)| *id).collect());

@@ -74,16 +74,20 @@ struct Incoming {
     event: HubEvent,
 }
 
+/// Events handed to the channel in one go at most (one NOTIFY transaction).
+const PUBLISH_BATCH: usize = 512;
+
 pub struct EventHub {
     /// Tells this instance's events from others' on the shared channel.
     origin: u64,
+    /// Events on their way to the other instances, in order: one task sends
+    /// whatever has gathered in one batch, so no caller waits for the
+    /// channel and a busy instance needs few NOTIFY transactions.
+    outbox: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     /// One channel per user with at least one open stream on this instance.
     channels: Mutex<HashMap<i64, broadcast::Sender<Arc<HubEvent>>>>,
-    remote: Option<Arc<dyn EventChannel>>,
     /// Forgets users that another instance changed.
     sessions: Arc<SessionCache>,
-    /// Dates stored events.
-    clock: Arc<dyn Clock>,
     /// Whether every event of every instance reaches this hub right now:
     /// always without a remote channel, else as its listener reports.
     connected: watch::Sender<bool>,
@@ -130,6 +134,22 @@ impl Drop for Subscription {
     }
 }
 
+/// Sends queued events to the other instances, as many per call as have
+/// gathered, until the hub is gone.
+async fn send_to_other_instances(
+    remote: Arc<dyn EventChannel>,
+    mut pending: tokio::sync::mpsc::UnboundedReceiver<String>,
+    clock: Arc<dyn Clock>,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while pending.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let payloads = std::mem::replace(&mut batch, Vec::with_capacity(PUBLISH_BATCH));
+        if let Err(error) = remote.publish(payloads, clock.now().micros()).await {
+            tracing::warn!(error = %error, "publishing stream events to other instances failed");
+        }
+    }
+}
+
 impl EventHub {
     pub fn new(
         remote: Option<Arc<dyn EventChannel>>,
@@ -144,14 +164,22 @@ impl EventHub {
             let (always_up, health) = watch::channel(true);
             (health, Some(always_up))
         };
+        let outbox = remote.as_ref().map(|remote| {
+            let (outbox, pending) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(send_to_other_instances(
+                Arc::clone(remote),
+                pending,
+                Arc::clone(&clock),
+            ));
+            outbox
+        });
         Arc::new(Self {
+            outbox,
             health,
             _always_up: always_up,
             origin: rand::random(),
             channels: Mutex::new(HashMap::new()),
-            remote,
             sessions,
-            clock,
             connected,
             revocations: watch::channel(0).0,
         })
@@ -205,14 +233,15 @@ impl EventHub {
         Ok(subscription)
     }
 
-    /// Delivers the event here at once, then sends it to every other
-    /// instance (where there is a channel). A failure to reach them is
-    /// logged, not returned: the change the event describes has already
-    /// been committed, and their streams end while their channel is down.
+    /// Delivers the event here at once and queues it for every other
+    /// instance (where there is a channel). Sending is not awaited: the
+    /// change the event describes has already been committed, a failure to
+    /// reach the others is logged, and their streams end while their
+    /// channel is down.
     pub async fn publish(&self, event: HubEvent) {
         let event = Arc::new(event);
         self.deliver(Arc::clone(&event));
-        let Some(remote) = &self.remote else {
+        let Some(outbox) = &self.outbox else {
             return;
         };
         let outgoing = Outgoing {
@@ -220,11 +249,8 @@ impl EventHub {
             event: &event,
         };
         match serde_json::to_string(&outgoing) {
-            Ok(payload) => {
-                if let Err(error) = remote.publish(payload, self.clock.now().micros()).await {
-                    tracing::warn!(error = %error, "publishing a stream event to other instances failed");
-                }
-            }
+            // Fails only once the sending task is gone (shutting down).
+            Ok(payload) => drop(outbox.send(payload)),
             Err(error) => tracing::error!(error = %error, "stream event did not serialize"),
         }
     }

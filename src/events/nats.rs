@@ -138,16 +138,20 @@ pub fn stream_name(deployment_id: &str) -> String {
 
 #[async_trait]
 impl EventChannel for NatsEventChannel {
-    async fn publish(&self, payload: String, _now: i64) -> anyhow::Result<()> {
-        // While disconnected the client would queue the event until it
+    async fn publish(&self, payloads: Vec<String>, _now: i64) -> anyhow::Result<()> {
+        // While disconnected the client would queue the events until it
         // reconnects; other instances' streams have ended meanwhile anyway.
         anyhow::ensure!(*self.client_up.borrow(), "the event bus is not connected");
-        tokio::time::timeout(
-            PUBLISH_TIMEOUT,
-            self.client.publish(self.subject.clone(), payload.into()),
-        )
+        tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            for payload in payloads {
+                self.client
+                    .publish(self.subject.clone(), payload.into())
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
         .await
-        .context("the event bus did not take the event in time")??;
+        .context("the event bus did not take the events in time")??;
         Ok(())
     }
 

@@ -770,9 +770,9 @@ pub enum Reservation {
 /// the database's own channel (PostgreSQL LISTEN/NOTIFY) or an event bus.
 #[async_trait]
 pub trait EventChannel: Send + Sync {
-    /// Sends `payload` to the listeners of every instance, this one included;
-    /// `now` (microseconds) dates what is stored for it.
-    async fn publish(&self, payload: String, now: i64) -> anyhow::Result<()>;
+    /// Sends `payloads`, in order, to the listeners of every instance, this
+    /// one included; `now` (microseconds) dates what is stored for them.
+    async fn publish(&self, payloads: Vec<String>, now: i64) -> anyhow::Result<()>;
 
     /// Starts listening (connected and subscribed when this returns), then
     /// hands each payload to `deliver` until `stop` turns true. `connected`

@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
 };
 
@@ -78,6 +78,9 @@ impl Pages {
 pub struct PageCache {
     inner: Mutex<Pages>,
     generation: AtomicU64,
+    /// The database's erasure count the cached pages were read under
+    /// (checked pages only; see `note_erasures`).
+    erasures: AtomicI64,
 }
 
 impl PageCache {
@@ -138,6 +141,16 @@ impl PageCache {
     }
 
     /// Forgets every page (a user and their messages were erased).
+    /// Forgets every page once the database's erasure count moved: a
+    /// DeleteUser removed messages from other users' pages without an event
+    /// in their logs (PostgreSQL, whose pages are checked against the log).
+    pub fn note_erasures(&self, erasures: i64) {
+        // Stored as count + 1, so that the first note (0 in a new database) differs from the default.
+        if self.erasures.swap(erasures + 1, Ordering::SeqCst) != erasures + 1 {
+            self.clear();
+        }
+    }
+
     pub fn clear(&self) {
         let mut cache = self.lock();
         self.generation.fetch_add(1, Ordering::SeqCst);

@@ -19,6 +19,7 @@ const MAX_CONNECTIONS: u32 = 16;
 
 pub struct PostgresStore {
     pool: PgPool,
+    pages: super::page_cache::PageCache,
 }
 
 impl PostgresStore {
@@ -29,7 +30,10 @@ impl PostgresStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            pages: super::page_cache::PageCache::default(),
+        })
     }
 
     fn reader(&self) -> &PgPool {
@@ -40,10 +44,15 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// Other instances write to the same database: lists are always read fresh.
+    /// First pages, each checked against the user's newest event id before
+    /// it is served (`PAGES_CHECKED_AGAINST_LOG`): other instances write too.
     fn page_cache(&self) -> Option<&super::page_cache::PageCache> {
-        None
+        Some(&self.pages)
     }
+
+    /// Other instances write to the same database, and their writes reach
+    /// this one's cache only through the log's heads.
+    const PAGES_CHECKED_AGAINST_LOG: bool = true;
 
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin().await
@@ -154,23 +163,45 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 #[async_trait]
 impl EventChannel for PgEventChannel {
-    async fn publish(&self, payload: String, now: i64) -> anyhow::Result<()> {
-        if payload.len() <= MAX_INLINE_PAYLOAD {
-            sqlx::query("SELECT pg_notify($1, $2)")
+    async fn publish(&self, payloads: Vec<String>, now: i64) -> anyhow::Result<()> {
+        // One statement, so one transaction and one turn at NOTIFY's
+        // database-wide commit lock, for each run of payloads that fit in a
+        // notification; a larger one is stored and its id notified, in order.
+        let mut inline: Vec<String> = Vec::new();
+        let mut payloads = payloads.into_iter().peekable();
+        while let Some(payload) = payloads.next() {
+            let fits = payload.len() <= MAX_INLINE_PAYLOAD;
+            let large = if fits {
+                inline.push(payload);
+                None
+            } else {
+                Some(payload)
+            };
+            let run_ends = !fits
+                || payloads
+                    .peek()
+                    .is_none_or(|next| next.len() > MAX_INLINE_PAYLOAD);
+            if run_ends && !inline.is_empty() {
+                sqlx::query(
+                    "SELECT pg_notify($1, 'p:' || payload) \
+                     FROM unnest($2::text[]) WITH ORDINALITY AS t(payload, n) ORDER BY n",
+                )
                 .bind(CHANNEL) // $1
-                .bind(format!("p:{payload}")) // $2
+                .bind(std::mem::take(&mut inline)) // $2
                 .execute(&self.pool)
                 .await?;
-        } else {
-            sqlx::query(
-                "WITH stored AS (INSERT INTO stream_events (payload, created_at) VALUES ($2, $3) \
-                 RETURNING id) SELECT pg_notify($1, 'i:' || id) FROM stored",
-            )
-            .bind(CHANNEL) // $1
-            .bind(payload) // $2
-            .bind(now) // $3
-            .execute(&self.pool)
-            .await?;
+            }
+            if let Some(payload) = large {
+                sqlx::query(
+                    "WITH stored AS (INSERT INTO stream_events (payload, created_at) VALUES ($2, $3) \
+                     RETURNING id) SELECT pg_notify($1, 'i:' || id) FROM stored",
+                )
+                .bind(CHANNEL) // $1
+                .bind(payload) // $2
+                .bind(now) // $3
+                .execute(&self.pool)
+                .await?;
+            }
         }
         Ok(())
     }

@@ -103,6 +103,10 @@ impl SqliteStore {
         Some(&self.pages)
     }
 
+    /// Every write passes through this store, which forgets the pages it
+    /// changes: a cached page is current without a look at the database.
+    const PAGES_CHECKED_AGAINST_LOG: bool = false;
+
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         self.writer.begin_with("BEGIN IMMEDIATE").await
     }

@@ -272,15 +272,35 @@ macro_rules! impl_message_repository {
                 let cached = match self.page_cache() {
                     Some(pages) if before == $crate::storage::Before::START => {
                         let key = $crate::storage::page_cache::PageKey::new(filter, limit);
-                        if let Some(page) = pages.get(user_id, &key) {
-                            return Ok(page.as_ref().clone());
+                        if !<$store>::PAGES_CHECKED_AGAINST_LOG {
+                            if let Some(page) = pages.get(user_id, &key) {
+                                return Ok(page.as_ref().clone());
+                            }
                         }
                         Some((pages, key, pages.generation()))
                     }
                     _ => None,
                 };
                 // The position first: every event up to it is then in the page.
-                let last_event_id = self.latest_event_id(user_id).await?;
+                let (last_event_id, erasures): (i64, i64) = sqlx::query_as(
+                    "SELECT COALESCE((SELECT last_event_id FROM message_event_heads WHERE user_id = $1), 0), \
+                     (SELECT erasures FROM deployment)",
+                )
+                .bind(user_id) // $1
+                .fetch_one(self.reader())
+                .await?;
+                // A page read since the user's newest event (and no erasure
+                // since) is what a read now would return.
+                if let Some((pages, key, _)) = &cached {
+                    if <$store>::PAGES_CHECKED_AGAINST_LOG {
+                        pages.note_erasures(erasures);
+                        if let Some(page) = pages.get(user_id, key) {
+                            if page.last_event_id == last_event_id {
+                                return Ok(page.as_ref().clone());
+                            }
+                        }
+                    }
+                }
                 let messages = query_messages(self.reader(), user_id, filter, before, limit).await?;
                 let page = $crate::storage::MessagePage { messages, last_event_id };
                 if let Some((pages, key, generation)) = cached {

@@ -218,6 +218,10 @@ macro_rules! impl_user_repository {
                         .execute(&mut *tx)
                         .await?;
                 }
+                // Other users' pages changed without an event in their logs.
+                sqlx::query("UPDATE deployment SET erasures = erasures + 1")
+                    .execute(&mut *tx)
+                    .await?;
                 let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
                     .bind(user_id) // $1
                     .execute(&mut *tx)
