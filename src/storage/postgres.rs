@@ -43,6 +43,99 @@ impl PostgresStore {
     fn writer(&self) -> &PgPool {
         &self.pool
     }
+    /// Merges each participant's row (one per key, in key order) with one
+    /// upsert over arrays.
+    async fn upsert_member_rows(
+        conn: &mut sqlx::PgConnection,
+        rows: &[super::sql::MemberRow<'_>],
+    ) -> Result<()> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
+             last_message_id, last_created_at, unread_count) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
+             $5::bigint[], $6::bigint[]){}",
+            super::sql::MEMBER_UPSERT_CONFLICT
+        )))
+        .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>()) // $1
+        .bind(rows.iter().map(|r| r.other_user_id).collect::<Vec<_>>()) // $2
+        .bind(rows.iter().map(|r| r.conversation_id).collect::<Vec<_>>()) // $3
+        .bind(rows.iter().map(|r| r.last_message_id).collect::<Vec<_>>()) // $4
+        .bind(rows.iter().map(|r| r.last_created_at).collect::<Vec<_>>()) // $5
+        .bind(rows.iter().map(|r| r.unread).collect::<Vec<_>>()) // $6
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Adds `counts` (user id to new events) to the users' heads, locking
+    /// them in user order; answers each user's new head.
+    async fn bump_heads(
+        conn: &mut sqlx::PgConnection,
+        counts: &std::collections::BTreeMap<i64, i64>,
+    ) -> Result<Vec<(i64, i64)>> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO message_event_heads (user_id, last_event_id) \
+             SELECT u, c FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS t(u, c, n) \
+             ORDER BY n{}",
+            super::sql::HEAD_BUMP_CONFLICT
+        )))
+        .bind(counts.keys().copied().collect::<Vec<_>>()) // $1
+        .bind(counts.values().copied().collect::<Vec<_>>()) // $2
+        .fetch_all(conn)
+        .await?)
+    }
+
+    /// Inserts event rows, `(user_id, event_id, message)` each, as one
+    /// statement over arrays: the same text for every batch size, so it is
+    /// parsed and planned once per connection, not once per batch.
+    async fn insert_event_rows(
+        conn: &mut sqlx::PgConnection,
+        change: super::MessageChange,
+        now: i64,
+        rows: &[(i64, i64, &super::MessageRecord)],
+    ) -> Result<()> {
+        let column = |value: fn(&(i64, i64, &super::MessageRecord)) -> i64| -> Vec<i64> {
+            rows.iter().map(value).collect()
+        };
+        sqlx::query(
+            "INSERT INTO message_events (user_id, event_id, kind, occurred_at, message_id, \
+             sender_id, recipient_id, content, is_read, parent_id, conversation_id, created_at, \
+             read_at, edited_at, reply_count) \
+             SELECT user_id, event_id, $1, $2, message_id, sender_id, recipient_id, content, \
+             is_read, parent_id, conversation_id, created_at, read_at, edited_at, reply_count \
+             FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], \
+             $8::text[], $9::boolean[], $10::bigint[], $11::text[], $12::bigint[], $13::bigint[], \
+             $14::bigint[], $15::bigint[]) AS t(user_id, event_id, message_id, sender_id, \
+             recipient_id, content, is_read, parent_id, conversation_id, created_at, read_at, \
+             edited_at, reply_count)",
+        )
+        .bind(change as i32) // $1
+        .bind(now) // $2
+        .bind(column(|(user_id, _, _)| *user_id)) // $3
+        .bind(column(|(_, event_id, _)| *event_id)) // $4
+        .bind(column(|(_, _, m)| m.id)) // $5
+        .bind(column(|(_, _, m)| m.sender_id)) // $6
+        .bind(column(|(_, _, m)| m.recipient_id)) // $7
+        .bind(
+            rows.iter()
+                .map(|(_, _, m)| m.content.as_str())
+                .collect::<Vec<_>>(),
+        ) // $8
+        .bind(rows.iter().map(|(_, _, m)| m.is_read).collect::<Vec<_>>()) // $9
+        .bind(rows.iter().map(|(_, _, m)| m.parent_id).collect::<Vec<_>>()) // $10
+        .bind(
+            rows.iter()
+                .map(|(_, _, m)| m.conversation_id.as_str())
+                .collect::<Vec<_>>(),
+        ) // $11
+        .bind(column(|(_, _, m)| m.created_at)) // $12
+        .bind(rows.iter().map(|(_, _, m)| m.read_at).collect::<Vec<_>>()) // $13
+        .bind(rows.iter().map(|(_, _, m)| m.edited_at).collect::<Vec<_>>()) // $14
+        .bind(column(|(_, _, m)| m.reply_count)) // $15
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 
     /// First pages, each checked against the user's newest event id before
     /// it is served (`PAGES_CHECKED_AGAINST_LOG`): other instances write too.

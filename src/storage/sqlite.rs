@@ -98,6 +98,81 @@ impl SqliteStore {
     fn writer(&self) -> &SqlitePool {
         &self.writer
     }
+    /// Merges each participant's row (one per key) with one multi-row upsert.
+    async fn upsert_member_rows(
+        conn: &mut sqlx::SqliteConnection,
+        rows: &[super::sql::MemberRow<'_>],
+    ) -> Result<()> {
+        let mut upsert = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
+             last_message_id, last_created_at, unread_count) ",
+        );
+        upsert.push_values(rows, |mut row, member| {
+            row.push_bind(member.user_id)
+                .push_bind(member.other_user_id)
+                .push_bind(member.conversation_id.to_owned())
+                .push_bind(member.last_message_id)
+                .push_bind(member.last_created_at)
+                .push_bind(member.unread);
+        });
+        upsert.push(super::sql::MEMBER_UPSERT_CONFLICT);
+        upsert.build().execute(conn).await?;
+        Ok(())
+    }
+
+    /// Adds `counts` (user id to new events) to the users' heads; answers
+    /// each user's new head.
+    async fn bump_heads(
+        conn: &mut sqlx::SqliteConnection,
+        counts: &std::collections::BTreeMap<i64, i64>,
+    ) -> Result<Vec<(i64, i64)>> {
+        let mut heads = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO message_event_heads (user_id, last_event_id) ",
+        );
+        heads.push_values(counts, |mut row, (user_id, count)| {
+            row.push_bind(*user_id).push_bind(*count);
+        });
+        heads.push(super::sql::HEAD_BUMP_CONFLICT);
+        Ok(heads.build_query_as().fetch_all(conn).await?)
+    }
+
+    /// Inserts event rows, `(user_id, event_id, message)` each, as multi-row
+    /// INSERTs (a statement more costs more than its rows here).
+    async fn insert_event_rows(
+        conn: &mut sqlx::SqliteConnection,
+        change: super::MessageChange,
+        now: i64,
+        rows: &[(i64, i64, &super::MessageRecord)],
+    ) -> Result<()> {
+        /// 15 binds per row stays under SQLite's limit of 32,766 per statement.
+        const ROWS_PER_INSERT: usize = 1000;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO message_events (user_id, event_id, kind, occurred_at, message_id, \
+                 sender_id, recipient_id, content, is_read, parent_id, conversation_id, created_at, \
+                 read_at, edited_at, reply_count) ",
+            );
+            insert.push_values(chunk, |mut row, (user_id, event_id, m)| {
+                row.push_bind(*user_id)
+                    .push_bind(*event_id)
+                    .push_bind(change as i32)
+                    .push_bind(now)
+                    .push_bind(m.id)
+                    .push_bind(m.sender_id)
+                    .push_bind(m.recipient_id)
+                    .push_bind(m.content.clone())
+                    .push_bind(m.is_read)
+                    .push_bind(m.parent_id)
+                    .push_bind(m.conversation_id.clone())
+                    .push_bind(m.created_at)
+                    .push_bind(m.read_at)
+                    .push_bind(m.edited_at)
+                    .push_bind(m.reply_count);
+            });
+            insert.build().execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
 
     fn page_cache(&self) -> Option<&PageCache> {
         Some(&self.pages)

@@ -65,6 +65,34 @@ macro_rules! impl_repositories {
 }
 
 /// What a batch does with each message it was handed.
+/// Merges a new newest message and unread count into a participant's
+/// conversation row: the newer of the two last messages wins.
+pub(crate) const MEMBER_UPSERT_CONFLICT: &str = " ON CONFLICT (user_id, other_user_id, conversation_id) DO UPDATE SET \
+     last_message_id = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+     > (conversation_members.last_created_at, conversation_members.last_message_id) \
+     THEN excluded.last_message_id ELSE conversation_members.last_message_id END, \
+     last_created_at = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+     > (conversation_members.last_created_at, conversation_members.last_message_id) \
+     THEN excluded.last_created_at ELSE conversation_members.last_created_at END, \
+     unread_count = conversation_members.unread_count + excluded.unread_count";
+
+/// Adds each user's count of new events to their head and answers the new
+/// heads (`RETURNING user_id, last_event_id`).
+pub(crate) const HEAD_BUMP_CONFLICT: &str = " ON CONFLICT (user_id) DO UPDATE SET \
+     last_event_id = message_event_heads.last_event_id + excluded.last_event_id \
+     RETURNING user_id, last_event_id";
+
+/// One participant's conversation row after a batch of sends: its newest
+/// message and the unread messages it gained.
+pub(crate) struct MemberRow<'a> {
+    pub user_id: i64,
+    pub other_user_id: i64,
+    pub conversation_id: &'a str,
+    pub last_message_id: i64,
+    pub last_created_at: i64,
+    pub unread: i64,
+}
+
 pub(crate) enum Plan {
     /// Store it (so far: later checks may still refuse it).
     Store,
