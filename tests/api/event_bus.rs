@@ -11,7 +11,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{
-    helpers::{Backend, TestApp, nats_url, spawn_app_with, start_proxy},
+    helpers::{Backend, Cut, TestApp, nats_url, spawn_app_with, start_proxy, start_proxy_cutting},
     metrics::{scrape, value},
     outage::{health, wait_for_health},
 };
@@ -189,6 +189,50 @@ async fn an_instance_cut_off_from_nats_ends_its_streams_keeps_serving_and_recove
         next.id
     );
     wait_for_health(&b, ServingStatus::Serving, Duration::from_secs(1)).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nats_connection_ends_streams_within_15_seconds() {
+    let (Some(nats), true) = (nats_url(), Backend::Postgres.available()) else {
+        eprintln!("skipped: TEST_NATS_URL or TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let a = spawn_app_with(Backend::Postgres, |c| over_nats(c, &nats)).await;
+    let (proxy_port, open) = start_proxy_cutting(host_port(&nats), Cut::Silence).await;
+    let b = a
+        .spawn_sibling_with(|c| {
+            over_nats(c, &format!("nats://127.0.0.1:{proxy_port}"));
+            c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
+    let bob = a.register_and_login("bob").await;
+    wait_for_bus_gauge(&b, 1.0, Duration::from_secs(5)).await;
+    let mut stream = b.open_stream(&bob).await.unwrap();
+
+    // The connection stays open but carries nothing: no error, no close.
+    open.send_replace(false);
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("a silent bus ends the stream within 15 s");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    eprintln!("stream ended after {:?}", started.elapsed());
+    wait_for_bus_gauge(&b, 0.0, Duration::from_secs(5)).await;
+    assert_eq!(health(&b).await, ServingStatus::Serving as i32);
+
+    open.send_replace(true);
+    wait_for_bus_gauge(&b, 1.0, Duration::from_secs(5)).await;
+    assert!(b.open_stream(&bob).await.is_ok(), "streams open again");
     b.stop().await;
     a.stop().await;
 }

@@ -622,10 +622,28 @@ impl Drop for TestApp {
     }
 }
 
+/// How a proxy cuts its connections when told to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Every forwarded connection is closed, as when a server goes away.
+    Close,
+    /// Forwarded connections stay open but carry nothing more, as when a
+    /// network drops packets: only a missing answer shows it.
+    Silence,
+}
+
 /// A TCP proxy to `upstream` (PostgreSQL, NATS) that forwards connections
 /// while `open` is true; closing it drops every forwarded connection and
 /// refuses new ones.
 pub async fn start_proxy(upstream: String) -> (u16, tokio::sync::watch::Sender<bool>) {
+    start_proxy_cutting(upstream, Cut::Close).await
+}
+
+/// Like `start_proxy`, cutting its connections the way `cut` says.
+pub async fn start_proxy_cutting(
+    upstream: String,
+    cut: Cut,
+) -> (u16, tokio::sync::watch::Sender<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (open_tx, open_rx) = tokio::sync::watch::channel(true);
@@ -647,6 +665,11 @@ pub async fn start_proxy(upstream: String) -> (u16, tokio::sync::watch::Sender<b
                     _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                     _ = open.wait_for(|open| !open) => {}
                 }
+                if cut == Cut::Silence {
+                    // Held open, never read or written again.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                drop((client, server));
             });
         }
     });
