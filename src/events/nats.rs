@@ -42,6 +42,7 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 const FIRST_SUBSCRIPTION_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(250);
 
+#[derive(Clone)]
 pub struct NatsEventChannel {
     client: Client,
     jetstream: jetstream::Context,
@@ -163,13 +164,7 @@ impl EventChannel for NatsEventChannel {
         _now: crate::storage::Clock,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let channel = Self {
-            client: self.client.clone(),
-            jetstream: self.jetstream.clone(),
-            subject: self.subject.clone(),
-            stream: self.stream.clone(),
-            client_up: self.client_up.clone(),
-        };
+        let channel = self.clone();
         // The first subscription, if NATS answers soon: then streams can open
         // from the first call. Else the loop below keeps trying.
         let first = tokio::time::timeout(FIRST_SUBSCRIPTION_TIMEOUT, async {
@@ -221,10 +216,7 @@ impl EventChannel for NatsEventChannel {
                 };
                 let lost = tokio::select! {
                     _ = stop.changed() => return,
-                    up = client_up.wait_for(|up| !*up) => {
-                        let _ = up;
-                        true
-                    }
+                    _ = client_up.wait_for(|up| !*up) => true,
                     received = subscription.next() => match received {
                         Some(Ok(message)) => {
                             if let Ok(info) = message.info() {
