@@ -20,6 +20,7 @@ const MAX_CONNECTIONS: u32 = 16;
 pub struct PostgresStore {
     pool: PgPool,
     pages: super::page_cache::PageCache,
+    positions: PositionReader,
 }
 
 impl PostgresStore {
@@ -31,9 +32,16 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         Ok(Self {
+            positions: PositionReader::start(pool.clone()),
             pool,
             pages: super::page_cache::PageCache::default(),
         })
+    }
+
+    /// The user's newest event id and the database's erasure count, read
+    /// before a first page (see `list_messages`), many callers per query.
+    async fn read_position(&self, user_id: i64) -> Result<(i64, i64)> {
+        self.positions.read(user_id).await
     }
 
     fn reader(&self) -> &PgPool {
@@ -237,6 +245,81 @@ impl Database for PostgresStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+type PositionReply = tokio::sync::oneshot::Sender<Result<(i64, i64)>>;
+
+/// Reads users' positions for the first-page check, all waiting callers in
+/// one query: a caller waits for the next query that starts after it asked,
+/// so it still sees every write committed before its call. Under load this
+/// turns a query per ListMessages into a query per round of them.
+struct PositionReader {
+    queue: tokio::sync::mpsc::UnboundedSender<(i64, PositionReply)>,
+}
+
+/// Callers answered by one query at most.
+const POSITIONS_PER_QUERY: usize = 1024;
+
+impl PositionReader {
+    /// Starts the reading task; it ends with the store.
+    fn start(pool: PgPool) -> Self {
+        let (queue, mut waiting) = tokio::sync::mpsc::unbounded_channel::<(i64, PositionReply)>();
+        tokio::spawn(async move {
+            let mut round = Vec::with_capacity(POSITIONS_PER_QUERY);
+            while waiting.recv_many(&mut round, POSITIONS_PER_QUERY).await > 0 {
+                let mut users: Vec<i64> = round.iter().map(|(user_id, _)| *user_id).collect();
+                users.sort_unstable();
+                users.dedup();
+                let read: std::result::Result<Vec<(i64, i64, i64)>, sqlx::Error> = sqlx::query_as(
+                    "SELECT u.id, COALESCE(h.last_event_id, 0), d.erasures \
+                     FROM unnest($1::bigint[]) AS u(id) CROSS JOIN deployment d \
+                     LEFT JOIN message_event_heads h ON h.user_id = u.id",
+                )
+                .bind(&users) // $1
+                .fetch_all(&pool)
+                .await;
+                match read {
+                    Ok(rows) => {
+                        let positions: std::collections::HashMap<i64, (i64, i64)> = rows
+                            .into_iter()
+                            .map(|(user_id, head, erasures)| (user_id, (head, erasures)))
+                            .collect();
+                        for (user_id, reply) in round.drain(..) {
+                            let position = positions
+                                .get(&user_id)
+                                .copied()
+                                .ok_or(super::StorageError::NotFound("position"));
+                            let _ = reply.send(position);
+                        }
+                    }
+                    Err(error) => {
+                        // Every caller gets the same kind of failure.
+                        let unavailable = matches!(
+                            super::StorageError::from(error),
+                            super::StorageError::Unavailable(_)
+                        );
+                        for (_, reply) in round.drain(..) {
+                            let _ = reply.send(Err(if unavailable {
+                                super::StorageError::Unavailable(sqlx::Error::PoolTimedOut)
+                            } else {
+                                super::StorageError::Internal(sqlx::Error::Protocol(
+                                    "reading first-page positions failed".into(),
+                                ))
+                            }));
+                        }
+                    }
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    async fn read(&self, user_id: i64) -> Result<(i64, i64)> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let closed = || super::StorageError::Unavailable(sqlx::Error::PoolClosed);
+        self.queue.send((user_id, reply)).map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
 }
 

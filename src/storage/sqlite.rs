@@ -174,6 +174,18 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// The user's newest event id and the database's erasure count, read
+    /// before a first page (see `list_messages`).
+    async fn read_position(&self, user_id: i64) -> Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT COALESCE((SELECT last_event_id FROM message_event_heads WHERE user_id = $1), 0), \
+             (SELECT erasures FROM deployment)",
+        )
+        .bind(user_id) // $1
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
     fn page_cache(&self) -> Option<&PageCache> {
         Some(&self.pages)
     }

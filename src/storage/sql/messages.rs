@@ -270,13 +270,7 @@ macro_rules! impl_message_repository {
                     _ => None,
                 };
                 // The position first: every event up to it is then in the page.
-                let (last_event_id, erasures): (i64, i64) = sqlx::query_as(
-                    "SELECT COALESCE((SELECT last_event_id FROM message_event_heads WHERE user_id = $1), 0), \
-                     (SELECT erasures FROM deployment)",
-                )
-                .bind(user_id) // $1
-                .fetch_one(self.reader())
-                .await?;
+                let (last_event_id, erasures) = self.read_position(user_id).await?;
                 // A page read since the user's newest event (and no erasure
                 // since) is what a read now would return.
                 if let Some((pages, key, _)) = &cached {
