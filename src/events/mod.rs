@@ -238,7 +238,7 @@ impl EventHub {
     /// change the event describes has already been committed, a failure to
     /// reach the others is logged, and their streams end while their
     /// channel is down.
-    pub async fn publish(&self, event: HubEvent) {
+    pub fn publish(&self, event: HubEvent) {
         let event = Arc::new(event);
         self.deliver(Arc::clone(&event));
         let Some(outbox) = &self.outbox else {
@@ -289,15 +289,15 @@ impl EventHub {
     /// Call after any write that changes a user, their sessions or their
     /// roles: this instance forgets the user at once, other instances as
     /// soon as the event reaches them, and open streams re-check their session.
-    pub async fn user_changed(&self, user_id: i64) {
+    pub fn user_changed(&self, user_id: i64) {
         self.sessions.invalidate_user(user_id);
-        self.publish(HubEvent::UserChanged { user_id }).await;
+        self.publish(HubEvent::UserChanged { user_id });
     }
 
     /// Like `user_changed`, for a change that touches many users.
-    pub async fn all_users_changed(&self) {
+    pub fn all_users_changed(&self) {
         self.sessions.clear();
-        self.publish(HubEvent::AllUsersChanged).await;
+        self.publish(HubEvent::AllUsersChanged);
     }
 
     /// Users with a channel on this instance (for tests and metrics).
@@ -350,7 +350,7 @@ mod tests {
         let mut sender = hub.subscribe(1).unwrap();
         let mut recipient = hub.subscribe(2).unwrap();
         let mut stranger = hub.subscribe(3).unwrap();
-        hub.publish(logged(MessageChange::Created, 1, 2)).await;
+        hub.publish(logged(MessageChange::Created, 1, 2));
         assert!(sender.receiver.try_recv().is_ok());
         assert!(recipient.receiver.try_recv().is_ok());
         assert!(stranger.receiver.try_recv().is_err());
@@ -360,7 +360,7 @@ mod tests {
     async fn a_note_to_oneself_arrives_once() {
         let hub = local_hub();
         let mut me = hub.subscribe(1).unwrap();
-        hub.publish(logged(MessageChange::Created, 1, 1)).await;
+        hub.publish(logged(MessageChange::Created, 1, 1));
         assert!(me.receiver.try_recv().is_ok());
         assert!(me.receiver.try_recv().is_err());
     }
@@ -370,7 +370,7 @@ mod tests {
         let hub = local_hub();
         let mut slow = hub.subscribe(1).unwrap();
         for _ in 0..=USER_CHANNEL_CAPACITY {
-            hub.publish(HubEvent::UserChanged { user_id: 1 }).await;
+            hub.publish(HubEvent::UserChanged { user_id: 1 });
         }
         assert!(matches!(
             slow.receiver.try_recv(),

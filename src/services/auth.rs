@@ -198,7 +198,7 @@ impl AuthApi {
                     peer = ?peer,
                     "spent refresh token presented again; session revoked"
                 );
-                self.state.events.user_changed(user_id).await;
+                self.state.events.user_changed(user_id);
                 return Err(AppError::refused(
                     Reason::RefreshTokenReused,
                     REFRESH_FAILED,
@@ -252,7 +252,7 @@ impl AuthApi {
             .db
             .update_profile(caller.user.id, changes, self.state.clock.now().micros())
             .await?;
-        self.state.events.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id);
         Ok(proto::UpdateMeResponse {
             user: Some(self.state.user_proto(&user.profile).await?),
         })
@@ -321,7 +321,7 @@ impl AuthApi {
             session_id = caller.session_id,
             "password changed"
         );
-        self.state.events.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id);
         Ok(())
     }
 
@@ -472,7 +472,7 @@ impl AuthService for AuthApi {
             session_id = caller.session_id,
             "logout"
         );
-        self.state.events.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id);
         Ok(Response::new(proto::LogoutResponse {}))
     }
 
@@ -500,7 +500,7 @@ impl AuthService for AuthApi {
             revoked,
             "logout from every session"
         );
-        self.state.events.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id);
         Ok(Response::new(proto::LogoutAllResponse {
             revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
         }))

@@ -183,15 +183,15 @@ impl MessageApi {
             })
             .await?;
         let message = stored.message.clone();
-        self.publish(stored).await;
+        self.publish(stored);
         Ok(message)
     }
 
     /// Hands a committed change to every open stream of its audience; a
     /// change that logged nothing (an idempotent send's retry) emits nothing.
-    async fn publish(&self, change: LoggedChange) {
+    fn publish(&self, change: LoggedChange) {
         if !change.event_ids.is_empty() {
-            self.state.events.publish(HubEvent::Message(change)).await;
+            self.state.events.publish(HubEvent::Message(change));
         }
     }
 
@@ -350,7 +350,7 @@ impl MessageApi {
             .db
             .mark_read(caller.user.id, &ids, self.state.clock.now().micros())
             .await?;
-        self.publish_all(changed).await
+        Ok(self.publish_all(changed))
     }
 
     async fn mark_conversation_read(
@@ -370,16 +370,16 @@ impl MessageApi {
                 self.state.clock.now().micros(),
             )
             .await?;
-        self.publish_all(changed).await
+        Ok(self.publish_all(changed))
     }
 
     /// Publishes each change in order; answers how many there were.
-    async fn publish_all(&self, changes: Vec<LoggedChange>) -> Result<i32, AppError> {
+    fn publish_all(&self, changes: Vec<LoggedChange>) -> i32 {
         let count = i32::try_from(changes.len()).unwrap_or(i32::MAX);
         for change in changes {
-            self.publish(change).await;
+            self.publish(change);
         }
-        Ok(count)
+        count
     }
 
     async fn delete(&self, request: Request<proto::DeleteMessageRequest>) -> Result<(), AppError> {
@@ -393,7 +393,7 @@ impl MessageApi {
             .delete_message(message.id, caller.user.id, self.state.clock.now().micros())
             .await?
             .ok_or_else(|| AppError::NotFound(MESSAGE_NOT_FOUND.into()))?;
-        self.publish(deleted).await;
+        self.publish(deleted);
         Ok(())
     }
 
@@ -417,7 +417,7 @@ impl MessageApi {
             .await?
             .ok_or_else(|| AppError::NotFound(MESSAGE_NOT_FOUND.into()))?;
         let message = edited.message.clone();
-        self.publish(edited).await;
+        self.publish(edited);
         Ok(message)
     }
 

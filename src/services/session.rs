@@ -78,7 +78,7 @@ impl SessionService for SessionApi {
             return Err(AppError::NotFound("session not found".into()).into());
         }
         tracing::info!(target: "audit", user_id = caller.user.id, peer = ?caller.peer, session_id, "session revoked");
-        self.state.events.user_changed(caller.user.id).await;
+        self.state.events.user_changed(caller.user.id);
         Ok(Response::new(proto::DeleteSessionResponse {}))
     }
 }

@@ -179,7 +179,7 @@ impl UserAdminService for UserAdminApi {
             .metrics
             .sessions_revoked(EndReason::UserDeleted.label(), ended);
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user deleted");
-        self.state.events.user_changed(user_id).await;
+        self.state.events.user_changed(user_id);
         Ok(Response::new(proto::DeleteUserResponse {}))
     }
 
@@ -199,7 +199,7 @@ impl UserAdminService for UserAdminApi {
             .metrics
             .sessions_revoked(EndReason::UserDisabled.label(), ended);
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user disabled; sessions revoked");
-        self.state.events.user_changed(user_id).await;
+        self.state.events.user_changed(user_id);
         Ok(Response::new(proto::DisableUserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -217,7 +217,7 @@ impl UserAdminService for UserAdminApi {
             .set_user_active(user_id, true, self.state.clock.now().micros())
             .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, "user enabled");
-        self.state.events.user_changed(user_id).await;
+        self.state.events.user_changed(user_id);
         Ok(Response::new(proto::EnableUserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -241,7 +241,7 @@ impl UserAdminService for UserAdminApi {
             .set_superuser(user_id, is_superuser, self.state.clock.now().micros())
             .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id, is_superuser, "superuser flag set");
-        self.state.events.user_changed(user_id).await;
+        self.state.events.user_changed(user_id);
         Ok(Response::new(proto::SetSuperuserResponse {
             user: self.user_response(&user).await?,
         }))
@@ -259,7 +259,7 @@ impl UserAdminService for UserAdminApi {
             .set_user_roles(body.user_id, &body.role_ids)
             .await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, user_id = body.user_id, role_ids = ?body.role_ids, "user roles replaced");
-        self.state.events.user_changed(body.user_id).await;
+        self.state.events.user_changed(body.user_id);
         Ok(Response::new(proto::SetUserRolesResponse {
             roles: roles.into_iter().map(role_to_proto).collect(),
         }))
@@ -323,7 +323,7 @@ impl UserAdminService for UserAdminApi {
         let role_id = request.get_ref().role_id;
         self.state.db.delete_role(role_id).await?;
         tracing::info!(target: "audit", actor = caller.user.id, peer = ?caller.peer, role_id, "role deleted");
-        self.state.events.all_users_changed().await;
+        self.state.events.all_users_changed();
         Ok(Response::new(proto::DeleteRoleResponse {}))
     }
 }

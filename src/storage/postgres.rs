@@ -1,7 +1,10 @@
 //! The PostgreSQL backend, for production and for several instances sharing
 //! one database.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -57,21 +60,24 @@ impl PostgresStore {
         conn: &mut sqlx::PgConnection,
         rows: &[super::sql::MemberRow<'_>],
     ) -> Result<()> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
-             last_message_id, last_created_at, unread_count) \
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
-             $5::bigint[], $6::bigint[]){}",
-            super::sql::MEMBER_UPSERT_CONFLICT
-        )))
-        .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>()) // $1
-        .bind(rows.iter().map(|r| r.other_user_id).collect::<Vec<_>>()) // $2
-        .bind(rows.iter().map(|r| r.conversation_id).collect::<Vec<_>>()) // $3
-        .bind(rows.iter().map(|r| r.last_message_id).collect::<Vec<_>>()) // $4
-        .bind(rows.iter().map(|r| r.last_created_at).collect::<Vec<_>>()) // $5
-        .bind(rows.iter().map(|r| r.unread).collect::<Vec<_>>()) // $6
-        .execute(conn)
-        .await?;
+        static UPSERT: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
+                 last_message_id, last_created_at, unread_count) \
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
+                 $5::bigint[], $6::bigint[]){}",
+                super::sql::MEMBER_UPSERT_CONFLICT
+            )
+        });
+        sqlx::query(sqlx::AssertSqlSafe(UPSERT.as_str()))
+            .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>()) // $1
+            .bind(rows.iter().map(|r| r.other_user_id).collect::<Vec<_>>()) // $2
+            .bind(rows.iter().map(|r| r.conversation_id).collect::<Vec<_>>()) // $3
+            .bind(rows.iter().map(|r| r.last_message_id).collect::<Vec<_>>()) // $4
+            .bind(rows.iter().map(|r| r.last_created_at).collect::<Vec<_>>()) // $5
+            .bind(rows.iter().map(|r| r.unread).collect::<Vec<_>>()) // $6
+            .execute(conn)
+            .await?;
         Ok(())
     }
 
@@ -81,16 +87,19 @@ impl PostgresStore {
         conn: &mut sqlx::PgConnection,
         counts: &std::collections::BTreeMap<i64, i64>,
     ) -> Result<Vec<(i64, i64)>> {
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO message_event_heads (user_id, last_event_id) \
-             SELECT u, c FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS t(u, c, n) \
-             ORDER BY n{}",
-            super::sql::HEAD_BUMP_CONFLICT
-        )))
-        .bind(counts.keys().copied().collect::<Vec<_>>()) // $1
-        .bind(counts.values().copied().collect::<Vec<_>>()) // $2
-        .fetch_all(conn)
-        .await?)
+        static BUMP: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO message_event_heads (user_id, last_event_id) \
+                 SELECT u, c FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS t(u, c, n) \
+                 ORDER BY n{}",
+                super::sql::HEAD_BUMP_CONFLICT
+            )
+        });
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(BUMP.as_str()))
+            .bind(counts.keys().copied().collect::<Vec<_>>()) // $1
+            .bind(counts.values().copied().collect::<Vec<_>>()) // $2
+            .fetch_all(conn)
+            .await?)
     }
 
     /// Inserts event rows, `(user_id, event_id, message)` each, as one
@@ -343,31 +352,20 @@ impl EventChannel for PgEventChannel {
         // One statement, so one transaction and one turn at NOTIFY's
         // database-wide commit lock, for each run of payloads that fit in a
         // notification; a larger one is stored and its id notified, in order.
-        let mut inline: Vec<String> = Vec::new();
-        let mut payloads = payloads.into_iter().peekable();
-        while let Some(payload) = payloads.next() {
-            let fits = payload.len() <= MAX_INLINE_PAYLOAD;
-            let large = if fits {
-                inline.push(payload);
-                None
-            } else {
-                Some(payload)
-            };
-            let run_ends = !fits
-                || payloads
-                    .peek()
-                    .is_none_or(|next| next.len() > MAX_INLINE_PAYLOAD);
-            if run_ends && !inline.is_empty() {
+        let fits = |payload: &String| payload.len() <= MAX_INLINE_PAYLOAD;
+        for run in payloads.chunk_by(|a, b| fits(a) == fits(b)) {
+            if fits(&run[0]) {
                 sqlx::query(
                     "SELECT pg_notify($1, 'p:' || payload) \
                      FROM unnest($2::text[]) WITH ORDINALITY AS t(payload, n) ORDER BY n",
                 )
                 .bind(CHANNEL) // $1
-                .bind(std::mem::take(&mut inline)) // $2
+                .bind(run) // $2
                 .execute(&self.pool)
                 .await?;
+                continue;
             }
-            if let Some(payload) = large {
+            for payload in run {
                 sqlx::query(
                     "WITH stored AS (INSERT INTO stream_events (payload, created_at) VALUES ($2, $3) \
                      RETURNING id) SELECT pg_notify($1, 'i:' || id) FROM stored",
