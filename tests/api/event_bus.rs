@@ -11,9 +11,9 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{
-    helpers::{Backend, Cut, TestApp, nats_url, spawn_app_with, start_proxy, start_proxy_cutting},
+    helpers::{Backend, Cut, TestApp, nats_url, spawn_app_with, start_proxy_cutting},
     metrics::{scrape, value},
-    outage::{health, wait_for_health},
+    outage::{assert_next_event_is, health, stream_end_status, wait_for_health},
 };
 
 /// `config` carrying its events through the NATS server at `url`.
@@ -41,17 +41,6 @@ async fn wait_for_bus_gauge(app: &TestApp, expected: f64, limit: Duration) -> Du
     }
 }
 
-/// The stream's next event within `limit`, if any.
-async fn next_event(
-    stream: &mut tonic::Streaming<ai_message::proto::StreamMessagesResponse>,
-    limit: Duration,
-) -> Option<Result<ai_message::proto::StreamMessagesResponse, tonic::Status>> {
-    tokio::time::timeout(limit, stream.message())
-        .await
-        .ok()
-        .map(|received| received.map(|event| event.expect("the stream ended without a status")))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_sharing_one_nats_server_never_see_each_others_events() {
     let Some(nats) = nats_url() else {
@@ -77,18 +66,14 @@ async fn deployments_sharing_one_nats_server_never_see_each_others_events() {
     let mut dans = second.open_stream(&dan).await.unwrap();
     let mut bobs = first.open_stream(&bob).await.unwrap();
 
-    first
+    let for_bob = first
         .send_text(&ann, bob.user_id, "for bob only")
         .await
         .unwrap();
-    let delivered = next_event(&mut bobs, Duration::from_secs(2)).await;
+    assert_next_event_is(&mut bobs, &for_bob, "the first deployment's own stream").await;
+    let leaked = tokio::time::timeout(Duration::from_millis(500), dans.message()).await;
     assert!(
-        matches!(delivered, Some(Ok(_))),
-        "the first deployment's own stream gets it: {delivered:?}"
-    );
-    let leaked = next_event(&mut dans, Duration::from_millis(500)).await;
-    assert!(
-        leaked.is_none(),
+        leaked.is_err(),
         "another deployment's event arrived: {leaked:?}"
     );
     // The second deployment's own events still arrive (the test can fail).
@@ -96,32 +81,37 @@ async fn deployments_sharing_one_nats_server_never_see_each_others_events() {
         .send_text(&cat, dan.user_id, "for dan")
         .await
         .unwrap();
-    let event = next_event(&mut dans, Duration::from_secs(2))
-        .await
-        .expect("dan's own message arrives")
-        .unwrap();
-    assert_eq!(
-        crate::message_log::message_of(&event.event.unwrap()).id,
-        own.id
-    );
+    assert_next_event_is(&mut dans, &own, "dan's own message").await;
     first.stop().await;
     second.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_cut_off_from_nats_ends_its_streams_keeps_serving_and_recovers_alone() {
+/// Instance A on NATS directly, and B, its sibling with metrics on, through
+/// a proxy that cuts the way `cut` says; `None` where PostgreSQL or NATS is
+/// not configured. The proxy's switch comes third.
+async fn pair_with_b_behind_a_proxy(
+    cut: Cut,
+) -> Option<(TestApp, TestApp, tokio::sync::watch::Sender<bool>)> {
     let (Some(nats), true) = (nats_url(), Backend::Postgres.available()) else {
         eprintln!("skipped: TEST_NATS_URL or TEST_POSTGRES_URL is not set");
-        return;
+        return None;
     };
     let a = spawn_app_with(Backend::Postgres, |c| over_nats(c, &nats)).await;
-    let (proxy_port, open) = start_proxy(host_port(&nats)).await;
+    let (proxy_port, open) = start_proxy_cutting(host_port(&nats), cut).await;
     let b = a
         .spawn_sibling_with(|c| {
             over_nats(c, &format!("nats://127.0.0.1:{proxy_port}"));
             c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
         })
         .await;
+    Some((a, b, open))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_nats_ends_its_streams_keeps_serving_and_recovers_alone() {
+    let Some((a, b, open)) = pair_with_b_behind_a_proxy(Cut::Close).await else {
+        return;
+    };
     let ann = a.register_and_login("ann").await;
     let bob = a.register_and_login("bob").await;
     wait_for_bus_gauge(&b, 1.0, Duration::from_secs(5)).await;
@@ -131,31 +121,12 @@ async fn an_instance_cut_off_from_nats_ends_its_streams_keeps_serving_and_recove
         .send_text(&ann, bob.user_id, "before the cut")
         .await
         .unwrap();
-    let event = next_event(&mut stream, Duration::from_secs(2))
-        .await
-        .expect("delivered from A to B through NATS")
-        .unwrap();
-    assert_eq!(
-        crate::message_log::message_of(&event.event.unwrap()).id,
-        first.id
-    );
+    assert_next_event_is(&mut stream, &first, "delivered from A to B through NATS").await;
 
     // B loses NATS: its stream ends UNAVAILABLE, never silently.
     open.send_replace(false);
-    let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("the stream on the cut-off instance ends");
+    let ended = stream_end_status(&mut stream, "the stream on the cut-off instance").await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
-    eprintln!("stream ended after {:?}", started.elapsed());
     wait_for_bus_gauge(&b, 0.0, Duration::from_secs(5)).await;
     // New streams are refused until the bus is back ...
     let refused = b.open_stream(&bob).await.unwrap_err();
@@ -180,14 +151,7 @@ async fn an_instance_cut_off_from_nats_ends_its_streams_keeps_serving_and_recove
         .send_text(&ann, bob.user_id, "after the cut")
         .await
         .unwrap();
-    let event = next_event(&mut resumed, Duration::from_secs(2))
-        .await
-        .expect("the resumed stream receives the next message")
-        .unwrap();
-    assert_eq!(
-        crate::message_log::message_of(&event.event.unwrap()).id,
-        next.id
-    );
+    assert_next_event_is(&mut resumed, &next, "the resumed stream").await;
     wait_for_health(&b, ServingStatus::Serving, Duration::from_secs(1)).await;
     b.stop().await;
     a.stop().await;
@@ -195,38 +159,17 @@ async fn an_instance_cut_off_from_nats_ends_its_streams_keeps_serving_and_recove
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_nats_connection_ends_streams_within_15_seconds() {
-    let (Some(nats), true) = (nats_url(), Backend::Postgres.available()) else {
-        eprintln!("skipped: TEST_NATS_URL or TEST_POSTGRES_URL is not set");
+    let Some((a, b, open)) = pair_with_b_behind_a_proxy(Cut::Silence).await else {
         return;
     };
-    let a = spawn_app_with(Backend::Postgres, |c| over_nats(c, &nats)).await;
-    let (proxy_port, open) = start_proxy_cutting(host_port(&nats), Cut::Silence).await;
-    let b = a
-        .spawn_sibling_with(|c| {
-            over_nats(c, &format!("nats://127.0.0.1:{proxy_port}"));
-            c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
-        })
-        .await;
     let bob = a.register_and_login("bob").await;
     wait_for_bus_gauge(&b, 1.0, Duration::from_secs(5)).await;
     let mut stream = b.open_stream(&bob).await.unwrap();
 
     // The connection stays open but carries nothing: no error, no close.
     open.send_replace(false);
-    let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("a silent bus ends the stream within 15 s");
+    let ended = stream_end_status(&mut stream, "the stream on a silent bus").await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
-    eprintln!("stream ended after {:?}", started.elapsed());
     wait_for_bus_gauge(&b, 0.0, Duration::from_secs(5)).await;
     assert_eq!(health(&b).await, ServingStatus::Serving as i32);
 

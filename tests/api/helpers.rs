@@ -129,24 +129,29 @@ impl Drop for PostgresDatabase {
     fn drop(&mut self) {
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
-        // Drop runs inside the test's runtime: use a thread with its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
-                    let _ = admin
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
-                        )))
-                        .await;
-                }
-            });
-        })
-        .join();
+        clean_up_from_drop(async move {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                let _ = admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+                    )))
+                    .await;
+            }
+        });
     }
+}
+
+/// Runs `cleanup` to its end from a `Drop`, which runs inside the test's
+/// runtime: on a thread with a runtime of its own.
+fn clean_up_from_drop(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(cleanup);
+    })
+    .join();
 }
 
 enum RawConnection {
@@ -302,19 +307,11 @@ pub struct BusStream {
 impl Drop for BusStream {
     fn drop(&mut self) {
         let (url, name) = (self.url.clone(), self.name.clone());
-        // Drop runs inside the test's runtime: use a thread with its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok(client) = async_nats::connect(url).await {
-                    let _ = async_nats::jetstream::new(client).delete_stream(name).await;
-                }
-            });
-        })
-        .join();
+        clean_up_from_drop(async move {
+            if let Ok(client) = async_nats::connect(url).await {
+                let _ = async_nats::jetstream::new(client).delete_stream(name).await;
+            }
+        });
     }
 }
 

@@ -895,6 +895,17 @@ async fn search(
         .map(tonic::Response::into_inner)
 }
 
+/// The ids on the first page (up to 100) of `who`'s search for `query`.
+async fn search_ids(app: &TestApp, who: &LoggedIn, query: &str) -> Vec<i64> {
+    search(app, who, query, 100, String::new())
+        .await
+        .unwrap()
+        .messages
+        .iter()
+        .map(|m| m.id)
+        .collect()
+}
+
 async fn search_finds_substrings_ignoring_ascii_case_pages_and_never_shows_others(
     backend: Backend,
 ) {
@@ -938,13 +949,7 @@ async fn search_finds_substrings_ignoring_ascii_case_pages_and_never_shows_other
         token = page.next_page_token;
     }
     // "héllo..." also contains "hello" ("not hello's kin").
-    let all: Vec<i64> = search(&app, &ann, "hello", 100, String::new())
-        .await
-        .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.id)
-        .collect();
+    let all = search_ids(&app, &ann, "hello").await;
     assert_eq!(found, all);
     assert_eq!(all.len(), hits.len() + 1);
     assert!(hits.iter().all(|id| all.contains(id)));
@@ -952,13 +957,7 @@ async fn search_finds_substrings_ignoring_ascii_case_pages_and_never_shows_other
     // The same once the text index has taken every message (SQLite indexes
     // new messages in the background; before that they are searched apart).
     app.state.db.index_text().await.unwrap();
-    let indexed: Vec<i64> = search(&app, &ann, "HELLO", 100, String::new())
-        .await
-        .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.id)
-        .collect();
+    let indexed = search_ids(&app, &ann, "HELLO").await;
     assert_eq!(indexed, all);
     // Edits and deletes show at once, of indexed messages and of new ones.
     let edit = |message_id: i64, content: &str| {
@@ -988,13 +987,7 @@ async fn search_finds_substrings_ignoring_ascii_case_pages_and_never_shows_other
         .await
         .unwrap();
     for round in 0..2 {
-        let now: Vec<i64> = search(&app, &ann, "hello", 100, String::new())
-            .await
-            .unwrap()
-            .messages
-            .iter()
-            .map(|m| m.id)
-            .collect();
+        let now = search_ids(&app, &ann, "hello").await;
         assert_eq!(now.len(), all.len() - 2, "round {round}");
         let goodbyes = search(&app, &ann, "GOODBYE", 0, String::new())
             .await

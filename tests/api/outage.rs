@@ -121,7 +121,7 @@ async fn a_database_outage_is_unavailable_and_not_serving_and_recovery_needs_no_
 }
 
 /// The stream's next event, within 2 s, is about `message`.
-async fn assert_next_event_is(
+pub async fn assert_next_event_is(
     stream: &mut tonic::Streaming<proto::StreamMessagesResponse>,
     message: &proto::Message,
     what: &str,
@@ -131,10 +131,33 @@ async fn assert_next_event_is(
         .unwrap_or_else(|_| panic!("{what}: nothing within 2 s"))
         .unwrap()
         .unwrap();
-    assert!(
-        format!("{event:?}").contains(&format!("id: {}", message.id)),
-        "{what}: {event:?}"
-    );
+    let about = event
+        .event
+        .as_ref()
+        .map(|e| crate::message_log::message_of(e).id);
+    assert_eq!(about, Some(message.id), "{what}: {event:?}");
+}
+
+/// The status the stream ends with, within 15 s (the contract's bound for a
+/// lost event channel); events before it are skipped.
+pub async fn stream_end_status(
+    stream: &mut tonic::Streaming<proto::StreamMessagesResponse>,
+    what: &str,
+) -> tonic::Status {
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("{what}: the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: the stream did not end within 15 s"));
+    eprintln!("{what}: the stream ended after {:?}", started.elapsed());
+    ended
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,20 +203,8 @@ async fn streams_of_an_instance_that_loses_its_event_channel_end_unavailable_and
 
     // B loses PostgreSQL while A keeps working: B's stream ends, never silently.
     open.send_replace(false);
-    let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("the stream on the cut instance ends");
+    let ended = stream_end_status(&mut stream, "the stream on the cut instance").await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
-    eprintln!("stream ended after {:?}", started.elapsed());
     // The revocation feed on B ends the same way, never silently.
     let feed_end = tokio::time::timeout(Duration::from_secs(15), feed.message())
         .await
