@@ -204,7 +204,7 @@ impl Application {
         // Turns true once no call is left: the writers drain and end.
         let (closing_tx, closing_rx) = watch::channel(false);
         let (message_writer, writer_task) =
-            MessageWriter::start(Arc::clone(&db), closing_rx.clone());
+            MessageWriter::start(Arc::clone(&db), closing_rx.clone())?;
         let sessions = Arc::new(SessionCache::default());
         let (authenticator, touch_task) =
             Authenticator::new(Arc::clone(&db), Arc::clone(&sessions), closing_rx);

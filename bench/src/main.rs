@@ -770,7 +770,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     channels: channels.clone(),
                     state: Arc::clone(&seeder_state),
                 }];
-                let sample = stream_delivery(
+                let Delivery { delivered, sends } = stream_delivery(
                     &here,
                     &streamers,
                     &tokens,
@@ -781,7 +781,11 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 .await?;
                 rows.push(Row {
                     name: format!("Stream delivery ({STREAMS} streams, 2k/s)"),
-                    sample,
+                    sample: delivered,
+                });
+                rows.push(Row {
+                    name: "SendMessage, during stream delivery".into(),
+                    sample: sends,
                 });
             }
             "idle" => {
@@ -817,7 +821,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                         let cluster =
                             Cluster::start(&config, instances, options.connections).await?;
                         for (mode, rate) in [("2k/s", Some(STREAM_SEND_RATE)), ("max", None)] {
-                            let sample = stream_delivery(
+                            let delivery = stream_delivery(
                                 &cluster.instances,
                                 &streamers,
                                 &tokens,
@@ -828,7 +832,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                             .await?;
                             rows.push(Row {
                                 name: format!("{instances} inst. {bus}, {mode}, delivery"),
-                                sample,
+                                sample: delivery.delivered,
                             });
                         }
                         cluster.stop().await;
@@ -1407,6 +1411,13 @@ impl Cluster {
     }
 }
 
+/// What a delivery run measured: each delivery (send time to receipt), and
+/// each SendMessage alone (call to answer), which every delivery includes.
+struct Delivery {
+    delivered: Sample,
+    sends: Sample,
+}
+
 /// Send-to-receive latency: `streamers` each hold a stream, spread over the
 /// instances, and `concurrency` senders, spread over them too, write to
 /// them, each message carrying its send time; the sample's latencies are
@@ -1419,7 +1430,7 @@ async fn stream_delivery(
     concurrency: usize,
     duration: Duration,
     send_rate: Option<f64>,
-) -> anyhow::Result<Sample> {
+) -> anyhow::Result<Delivery> {
     let origin = Instant::now();
     let deliveries = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut listeners = Vec::new();
@@ -1471,7 +1482,10 @@ async fn stream_delivery(
         .collect();
     let tokens = Arc::clone(tokens);
     let pause = send_rate.map(|rate| Duration::from_secs_f64(concurrency as f64 / rate));
+    let answered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let answers = Arc::clone(&answered);
     let sends = drive(concurrency, duration, move |w, n| {
+        let answered = Arc::clone(&answered);
         let mut client = clients[w].clone();
         let to = recipients[(w * 7919 + n as usize * 31) % recipients.len()];
         let request = bearer(
@@ -1487,6 +1501,9 @@ async fn stream_delivery(
         async move {
             let started = Instant::now();
             let ok = client.send_message(request).await.is_ok();
+            if ok && let Ok(mut answered) = answered.lock() {
+                answered.push(started.elapsed().as_micros() as u64);
+            }
             // Paced by the clock, not by the answer: a slow answer does not
             // lower the rate the streams see.
             if let Some(pause) = pause {
@@ -1502,11 +1519,18 @@ async fn stream_delivery(
         listener.abort();
     }
     let latencies = deliveries.lock().map(|d| d.clone()).unwrap_or_default();
-    Ok(Sample {
-        errors: sends.errors
-            + (sends.latencies.len() as u64).saturating_sub(latencies.len() as u64),
-        latencies,
-        elapsed: sends.elapsed,
+    Ok(Delivery {
+        delivered: Sample {
+            errors: sends.errors
+                + (sends.latencies.len() as u64).saturating_sub(latencies.len() as u64),
+            latencies,
+            elapsed: sends.elapsed,
+        },
+        sends: Sample {
+            latencies: answers.lock().map(|a| a.clone()).unwrap_or_default(),
+            errors: sends.errors,
+            elapsed: sends.elapsed,
+        },
     })
 }
 

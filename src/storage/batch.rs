@@ -38,10 +38,16 @@ impl MessageWriter {
     pub fn start(
         db: Arc<dyn Database>,
         closing: watch::Receiver<bool>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> std::io::Result<(Self, tokio::task::JoinHandle<()>)> {
         let (queue, pending) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(write_batches(db, pending, closing));
-        (Self { queue }, task)
+        let own_thread = db.writer_wants_own_thread();
+        let writing = write_batches(db, pending, closing);
+        let task = if own_thread {
+            on_own_thread(writing)?
+        } else {
+            tokio::spawn(writing)
+        };
+        Ok((Self { queue }, task))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(sender_id = message.sender_id, recipient_id = message.recipient_id))]
@@ -55,6 +61,32 @@ impl MessageWriter {
             .await
             .map_err(|_| StorageError::Unavailable(sqlx::Error::PoolClosed))?
     }
+}
+
+/// Runs `writing` on a new thread with a runtime of its own; the handle
+/// resolves when it has ended. Every statement of a SQLite write is a hop to
+/// SQLite's worker thread and back, and on the shared runtime each answer
+/// waited in the queue behind the streams' and callers' tasks: with 1,000
+/// streams at 2k messages/s, a write transaction took 1.7 ms there and
+/// 1.2 ms here. (PostgreSQL does not use this: a connection's socket belongs
+/// to the runtime that opened it, and this one ends before the pool closes.)
+fn on_own_thread(
+    writing: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (ended, end) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("message-writer".into())
+        .spawn(move || {
+            runtime.block_on(writing);
+            let _ = ended.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        // An error means the thread ended without a word: ended all the same.
+        let _ = end.await;
+    }))
 }
 
 async fn write_batches(

@@ -800,6 +800,12 @@ pub trait Database:
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<()>;
 
+    /// Whether the group-commit writer (`batch::MessageWriter`) should run
+    /// on a thread of its own rather than on the shared runtime.
+    fn writer_wants_own_thread(&self) -> bool {
+        false
+    }
+
     /// This database's id, taken at its first migration: it names the event
     /// bus subjects of the instances that share the database.
     async fn deployment_id(&self) -> Result<String>;

@@ -19,6 +19,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(4);
 const MAX_CONNECTIONS: u32 = 16;
+/// A pooled connection idle this long is pinged before it is handed out.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -32,6 +34,19 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // sqlx would ping every connection it hands out: a round trip
+            // before every query. Only a connection idle for a while may have
+            // been cut without anyone noticing; one in steady use answers for
+            // itself (a failed query's connection is discarded on release).
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Self {
@@ -54,6 +69,22 @@ impl PostgresStore {
     fn writer(&self) -> &PgPool {
         &self.pool
     }
+    /// Each user's id, whether they are active, and their newest event id
+    /// (0 before their first), for the users among `ids` who exist. Over an
+    /// array, so that one prepared statement serves every batch size.
+    async fn read_participants(
+        conn: &mut sqlx::PgConnection,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, bool, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT u.id, u.is_active, COALESCE(h.last_event_id, 0) FROM users u \
+             LEFT JOIN message_event_heads h ON h.user_id = u.id WHERE u.id = ANY($1::bigint[])",
+        )
+        .bind(ids) // $1
+        .fetch_all(conn)
+        .await?)
+    }
+
     /// Merges each participant's row (one per key, in key order) with one
     /// upsert over arrays.
     async fn upsert_member_rows(

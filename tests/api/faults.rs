@@ -1,6 +1,6 @@
 //! Defects found by fault injection and attack, each kept fixed by a test:
 //! JWT edge cases, calls without a request message, oversized metadata, a
-//! full SQLite disk, silent and surplus connections, idle connections, and
+//! full SQLite disk, a WAL left to grow, silent and surplus connections, idle connections, and
 //! shutdown despite peers that never finish.
 
 use std::{
@@ -324,6 +324,43 @@ async fn a_full_sqlite_disk_makes_writes_unavailable_and_they_succeed_again_with
     assert!(app.register_and_login("cyd").await.user_id > 0);
     app.stop().await;
     let _ = Command::new("umount").arg("-l").arg(mount.path()).status();
+}
+
+/// Commits no longer copy SQLite's WAL back into the database file (a
+/// background task does, off the writer's path): the WAL must still stay
+/// bounded, as it did when the commits did it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_wal_is_copied_back_in_the_background_and_stays_bounded() {
+    const ROUNDS: usize = 20;
+    const PER_ROUND: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wal.db");
+    let app = spawn_app_with(Backend::Sqlite, |config| {
+        config.database = ai_message::config::DatabaseTarget::Sqlite(Some(path.clone()));
+    })
+    .await;
+    let ann = app.register_and_login("ann").await;
+    let bob = app.register_and_login("bob").await;
+    let content = "x".repeat(8000);
+    for _ in 0..ROUNDS {
+        for _ in 0..PER_ROUND {
+            app.send_text(&ann, bob.user_id, &content).await.unwrap();
+        }
+        // Time for a checkpoint, after which the next write starts the WAL over.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Each message is written three times (the message and both
+    // participants' events): without checkpoints the WAL would hold all of
+    // it, several times the contents alone.
+    let contents = (ROUNDS * PER_ROUND * content.len()) as u64;
+    let mut wal = path.clone().into_os_string();
+    wal.push("-wal");
+    let wal_size = std::fs::metadata(&wal).unwrap().len();
+    assert!(
+        wal_size < contents,
+        "the WAL grew to {wal_size} bytes for {contents} bytes of messages"
+    );
+    app.stop().await;
 }
 
 /// Reads until the peer closes; how long that took, or `None` within `limit`.

@@ -1041,7 +1041,8 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
         .await;
     // Through the writer, queued together, only the bad one fails.
     let (_closing, never) = tokio::sync::watch::channel(false);
-    let (writer, _task) = MessageWriter::start(std::sync::Arc::clone(&app.state.db), never);
+    let (writer, _task) =
+        MessageWriter::start(std::sync::Arc::clone(&app.state.db), never).expect("writer starts");
     let (good, bad) = tokio::join!(
         writer.insert(message(ann.id, bob.id, "fine")),
         writer.insert(message(987_654, bob.id, "orphan"))

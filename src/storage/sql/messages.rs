@@ -32,16 +32,8 @@ macro_rules! impl_message_repository {
                 // The same read gives every participant's newest event id,
                 // for a backend whose trigger logs the new messages (the
                 // write lock taken at `begin_write` keeps it current).
-                let mut recipients = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT u.id, u.is_active, COALESCE(h.last_event_id, 0) FROM users u \
-                     LEFT JOIN message_event_heads h ON h.user_id = u.id WHERE u.id IN (",
-                );
-                let mut ids = recipients.separated(", ");
-                for user_id in messages.iter().flat_map(|m| [m.recipient_id, m.sender_id]).collect::<BTreeSet<_>>() {
-                    ids.push_bind(user_id);
-                }
-                recipients.push(")");
-                let participants = recipients.build_query_as::<(i64, bool, i64)>().fetch_all(&mut *tx).await?;
+                let ids: Vec<i64> = messages.iter().flat_map(|m| [m.recipient_id, m.sender_id]).collect::<BTreeSet<_>>().into_iter().collect();
+                let participants = <$store>::read_participants(&mut *tx, &ids).await?;
                 let active: HashMap<i64, bool> = participants.iter().map(|(id, active, _)| (*id, *active)).collect();
                 let mut heads: HashMap<i64, i64> = participants.into_iter().map(|(id, _, head)| (id, head)).collect();
                 let mut plans: Vec<$crate::storage::sql::Plan> = messages
