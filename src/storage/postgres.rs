@@ -69,6 +69,7 @@ impl PostgresStore {
     fn writer(&self) -> &PgPool {
         &self.pool
     }
+
     /// Each user's id, whether they are active, and their newest event id
     /// (0 before their first), for the users among `ids` who exist. Over an
     /// array, so that one prepared statement serves every batch size.

@@ -110,6 +110,7 @@ impl SqliteStore {
     fn writer(&self) -> &SqlitePool {
         &self.writer
     }
+
     /// Each user's id, whether they are active, and their newest event id
     /// (0 before their first), for the users among `ids` who exist.
     async fn read_participants(
@@ -265,13 +266,6 @@ impl SqliteStore {
     }
 }
 
-/// Whether a writer connection coming back to its pool may be used again.
-///
-/// After a failed COMMIT (SQLITE_FULL, SQLITE_IOERR) SQLite may already have
-/// rolled the transaction back itself; the ROLLBACK that sqlx then sends fails,
-/// and sqlx goes on counting the connection as inside a transaction, so every
-/// later `BEGIN` on it would fail until a restart. Such a connection is closed
-/// and the pool opens a fresh one on the next write.
 /// Copies the WAL back into the database file every `CHECKPOINT_INTERVAL`
 /// until the pool closes. PASSIVE: it never waits for, nor blocks, the
 /// writer or a reader; frames it cannot copy yet are copied by a later run.
@@ -280,20 +274,40 @@ async fn checkpoint_regularly(pool: SqlitePool) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let closed = pool.close_event();
     tokio::pin!(closed);
+    // Warned once per spell of failures (a full disk fails every run).
+    let mut failing = false;
     loop {
         tokio::select! {
             () = &mut closed => return,
             _ = every.tick() => {}
         }
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&pool)
             .await
         {
-            tracing::warn!(error = %error, "WAL checkpoint failed; retrying later");
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("WAL checkpoints work again");
+            }
+            Ok(_) => {}
+            Err(error) if failing => {
+                tracing::debug!(error = %error, "WAL checkpoint failed again");
+            }
+            Err(error) => {
+                failing = true;
+                tracing::warn!(error = %error, "WAL checkpoint failed; retrying every 200 ms");
+            }
         }
     }
 }
 
+/// Whether a writer connection coming back to its pool may be used again.
+///
+/// After a failed COMMIT (SQLITE_FULL, SQLITE_IOERR) SQLite may already have
+/// rolled the transaction back itself; the ROLLBACK that sqlx then sends fails,
+/// and sqlx goes on counting the connection as inside a transaction, so every
+/// later `BEGIN` on it would fail until a restart. Such a connection is closed
+/// and the pool opens a fresh one on the next write.
 async fn leaves_no_transaction_open(
     conn: &mut sqlx::SqliteConnection,
 ) -> Result<bool, sqlx::Error> {
