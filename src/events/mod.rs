@@ -290,13 +290,12 @@ impl EventHub {
     /// roles: this instance forgets the user at once, other instances as
     /// soon as the event reaches them, and open streams re-check their session.
     pub fn user_changed(&self, user_id: i64) {
-        self.sessions.invalidate_user(user_id);
+        // Delivered here first, which forgets the user in this instance's cache.
         self.publish(HubEvent::UserChanged { user_id });
     }
 
     /// Like `user_changed`, for a change that touches many users.
     pub fn all_users_changed(&self) {
-        self.sessions.clear();
         self.publish(HubEvent::AllUsersChanged);
     }
 
@@ -344,8 +343,8 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn events_reach_sender_and_recipient_and_nobody_else() {
+    #[test]
+    fn events_reach_sender_and_recipient_and_nobody_else() {
         let hub = local_hub();
         let mut sender = hub.subscribe(1).unwrap();
         let mut recipient = hub.subscribe(2).unwrap();
@@ -356,8 +355,8 @@ mod tests {
         assert!(stranger.receiver.try_recv().is_err());
     }
 
-    #[tokio::test]
-    async fn a_note_to_oneself_arrives_once() {
+    #[test]
+    fn a_note_to_oneself_arrives_once() {
         let hub = local_hub();
         let mut me = hub.subscribe(1).unwrap();
         hub.publish(logged(MessageChange::Created, 1, 1));
@@ -365,8 +364,8 @@ mod tests {
         assert!(me.receiver.try_recv().is_err());
     }
 
-    #[tokio::test]
-    async fn a_slow_subscriber_is_told_it_lagged() {
+    #[test]
+    fn a_slow_subscriber_is_told_it_lagged() {
         let hub = local_hub();
         let mut slow = hub.subscribe(1).unwrap();
         for _ in 0..=USER_CHANNEL_CAPACITY {

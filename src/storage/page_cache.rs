@@ -140,7 +140,6 @@ impl PageCache {
         }
     }
 
-    /// Forgets every page (a user and their messages were erased).
     /// Forgets every page once the database's erasure count moved: a
     /// DeleteUser removed messages from other users' pages without an event
     /// in their logs (PostgreSQL, whose pages are checked against the log).
@@ -151,6 +150,7 @@ impl PageCache {
         }
     }
 
+    /// Forgets every page (a user and their messages were erased).
     pub fn clear(&self) {
         let mut cache = self.lock();
         self.generation.fetch_add(1, Ordering::SeqCst);

@@ -102,12 +102,12 @@ impl PostgresStore {
             )
         });
         sqlx::query(sqlx::AssertSqlSafe(UPSERT.as_str()))
-            .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>()) // $1
-            .bind(rows.iter().map(|r| r.other_user_id).collect::<Vec<_>>()) // $2
-            .bind(rows.iter().map(|r| r.conversation_id).collect::<Vec<_>>()) // $3
-            .bind(rows.iter().map(|r| r.last_message_id).collect::<Vec<_>>()) // $4
-            .bind(rows.iter().map(|r| r.last_created_at).collect::<Vec<_>>()) // $5
-            .bind(rows.iter().map(|r| r.unread).collect::<Vec<_>>()) // $6
+            .bind(column(rows, |r| r.user_id)) // $1
+            .bind(column(rows, |r| r.other_user_id)) // $2
+            .bind(column(rows, |r| r.conversation_id)) // $3
+            .bind(column(rows, |r| r.last_message_id)) // $4
+            .bind(column(rows, |r| r.last_created_at)) // $5
+            .bind(column(rows, |r| r.unread)) // $6
             .execute(conn)
             .await?;
         Ok(())
@@ -143,9 +143,6 @@ impl PostgresStore {
         now: i64,
         rows: &[(i64, i64, &super::MessageRecord)],
     ) -> Result<()> {
-        let column = |value: fn(&(i64, i64, &super::MessageRecord)) -> i64| -> Vec<i64> {
-            rows.iter().map(value).collect()
-        };
         sqlx::query(
             "INSERT INTO message_events (user_id, event_id, kind, occurred_at, message_id, \
              sender_id, recipient_id, content, is_read, parent_id, conversation_id, created_at, \
@@ -160,27 +157,19 @@ impl PostgresStore {
         )
         .bind(change as i32) // $1
         .bind(now) // $2
-        .bind(column(|(user_id, _, _)| *user_id)) // $3
-        .bind(column(|(_, event_id, _)| *event_id)) // $4
-        .bind(column(|(_, _, m)| m.id)) // $5
-        .bind(column(|(_, _, m)| m.sender_id)) // $6
-        .bind(column(|(_, _, m)| m.recipient_id)) // $7
-        .bind(
-            rows.iter()
-                .map(|(_, _, m)| m.content.as_str())
-                .collect::<Vec<_>>(),
-        ) // $8
-        .bind(rows.iter().map(|(_, _, m)| m.is_read).collect::<Vec<_>>()) // $9
-        .bind(rows.iter().map(|(_, _, m)| m.parent_id).collect::<Vec<_>>()) // $10
-        .bind(
-            rows.iter()
-                .map(|(_, _, m)| m.conversation_id.as_str())
-                .collect::<Vec<_>>(),
-        ) // $11
-        .bind(column(|(_, _, m)| m.created_at)) // $12
-        .bind(rows.iter().map(|(_, _, m)| m.read_at).collect::<Vec<_>>()) // $13
-        .bind(rows.iter().map(|(_, _, m)| m.edited_at).collect::<Vec<_>>()) // $14
-        .bind(column(|(_, _, m)| m.reply_count)) // $15
+        .bind(column(rows, |(user_id, _, _)| *user_id)) // $3
+        .bind(column(rows, |(_, event_id, _)| *event_id)) // $4
+        .bind(column(rows, |(_, _, m)| m.id)) // $5
+        .bind(column(rows, |(_, _, m)| m.sender_id)) // $6
+        .bind(column(rows, |(_, _, m)| m.recipient_id)) // $7
+        .bind(column(rows, |(_, _, m)| m.content.as_str())) // $8
+        .bind(column(rows, |(_, _, m)| m.is_read)) // $9
+        .bind(column(rows, |(_, _, m)| m.parent_id)) // $10
+        .bind(column(rows, |(_, _, m)| m.conversation_id.as_str())) // $11
+        .bind(column(rows, |(_, _, m)| m.created_at)) // $12
+        .bind(column(rows, |(_, _, m)| m.read_at)) // $13
+        .bind(column(rows, |(_, _, m)| m.edited_at)) // $14
+        .bind(column(rows, |(_, _, m)| m.reply_count)) // $15
         .execute(conn)
         .await?;
         Ok(())
@@ -287,6 +276,11 @@ impl Database for PostgresStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// One field of every row, as the array a statement over `unnest` binds.
+fn column<'r, R, T>(rows: &'r [R], field: impl Fn(&'r R) -> T) -> Vec<T> {
+    rows.iter().map(field).collect()
 }
 
 type PositionReply = tokio::sync::oneshot::Sender<Result<(i64, i64)>>;

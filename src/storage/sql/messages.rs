@@ -3,8 +3,6 @@
 
 macro_rules! impl_message_repository {
     ($store:ty, $db:ty) => {
-
-
         #[async_trait::async_trait]
         impl $crate::storage::MessageRepository for $store {
             async fn insert_message(

@@ -64,7 +64,6 @@ macro_rules! impl_repositories {
     };
 }
 
-/// What a batch does with each message it was handed.
 /// Merges a new newest message and unread count into a participant's
 /// conversation row: the newer of the two last messages wins.
 pub(crate) const MEMBER_UPSERT_CONFLICT: &str = " ON CONFLICT (user_id, other_user_id, conversation_id) DO UPDATE SET \
@@ -93,6 +92,7 @@ pub(crate) struct MemberRow<'a> {
     pub unread: i64,
 }
 
+/// What a batch does with each message it was handed.
 pub(crate) enum Plan {
     /// Store it (so far: later checks may still refuse it).
     Store,
