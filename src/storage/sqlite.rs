@@ -103,6 +103,16 @@ impl SqliteStore {
         })
     }
 
+    /// Every SQLite write is in-process: the general path's statements
+    /// cost no round trips to save.
+    #[allow(clippy::unused_async)]
+    async fn send_in_one_statement(
+        &self,
+        _messages: &[super::NewMessage],
+    ) -> Option<Result<Vec<Result<super::LoggedChange>>>> {
+        None
+    }
+
     fn reader(&self) -> &SqlitePool {
         &self.reader
     }

@@ -30,6 +30,7 @@ backend_tests!(
     two_instances_share_stream_events_and_revocations,
     a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back,
     a_failing_message_in_a_group_commit_fails_alone,
+    a_batch_of_sends_logs_dense_event_ids_and_merges_conversation_rows,
     first_pages_show_every_change_at_once_under_every_filter,
 );
 
@@ -991,12 +992,15 @@ async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_holds_nobody_back
     app.stop().await;
 }
 
-async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
-    use ai_message::storage::{NewMessage, StorageError, batch::MessageWriter};
-    let app = spawn_app(backend).await;
-    let ann = app.register("ann").await;
-    let bob = app.register("bob").await;
-    let message = |sender_id: i64, recipient_id: i64, content: &str| NewMessage {
+/// A message for the storage layer directly: no reply, no request id, in
+/// conversation "c", sent now.
+fn plain_message(
+    app: &TestApp,
+    sender_id: i64,
+    recipient_id: i64,
+    content: &str,
+) -> ai_message::storage::NewMessage {
+    ai_message::storage::NewMessage {
         sender_id,
         recipient_id,
         content: content.into(),
@@ -1004,7 +1008,16 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
         conversation_id: "c".into(),
         now: app.state.clock.now().micros(),
         request: None,
-    };
+    }
+}
+
+async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
+    use ai_message::storage::{StorageError, batch::MessageWriter};
+    let app = spawn_app(backend).await;
+    let ann = app.register("ann").await;
+    let bob = app.register("bob").await;
+    let message =
+        |sender_id, recipient_id, content| plain_message(&app, sender_id, recipient_id, content);
     let count_sent = || app.count("SELECT COUNT(*) FROM messages WHERE sender_id = $1", ann.id);
     // One transaction: a message from a user who does not exist fails it whole.
     let together = app
@@ -1050,6 +1063,92 @@ async fn a_failing_message_in_a_group_commit_fails_alone(backend: Backend) {
     assert_eq!(good.unwrap().message.content, "fine");
     assert!(bad.is_err());
     assert_eq!(count_sent().await, 2);
+    app.stop().await;
+}
+
+/// One group-commit batch with notes to oneself, both directions of a pair
+/// and a third user (PostgreSQL writes such a batch as one statement, SQLite
+/// statement by statement): every user's event ids are dense and follow the
+/// message ids, the sender's comes first, and each conversation row holds
+/// the newest message and the unread count.
+async fn a_batch_of_sends_logs_dense_event_ids_and_merges_conversation_rows(backend: Backend) {
+    use ai_message::storage::Before;
+    let app = spawn_app(backend).await;
+    let (ann, bob, cy) = (
+        app.register("ann").await.id,
+        app.register("bob").await.id,
+        app.register("cyd").await.id,
+    );
+    let message =
+        |sender_id, recipient_id, content| plain_message(&app, sender_id, recipient_id, content);
+    let batches = [
+        vec![
+            message(ann, bob, "a1"),
+            message(bob, ann, "b1"),
+            message(ann, ann, "note"),
+            message(ann, bob, "a2"),
+            message(cy, bob, "c1"),
+            message(ann, bob, "a1"),
+        ],
+        vec![message(bob, ann, "b2")],
+    ];
+    let mut logged = Vec::new();
+    for batch in batches {
+        let contents: Vec<String> = batch.iter().map(|m| m.content.clone()).collect();
+        let answers = app.state.db.insert_messages(batch).await.unwrap();
+        for (content, answer) in contents.iter().zip(answers) {
+            let change = answer.unwrap();
+            assert_eq!(&change.message.content, content, "answers in request order");
+            logged.push(change);
+        }
+    }
+    // The same content twice in one batch: two messages, the first asked first.
+    assert!(logged[0].message.id < logged[5].message.id);
+    for change in &logged {
+        let audience: Vec<i64> = change.message.audience().collect();
+        let users: Vec<i64> = change.event_ids.iter().map(|(user, _)| *user).collect();
+        assert_eq!(
+            users, audience,
+            "one event per participant, the sender's first"
+        );
+    }
+    for (user, events) in [(ann, 6), (bob, 6), (cy, 1)] {
+        let mut ids: Vec<(i64, i64)> = logged
+            .iter()
+            .filter_map(|c| Some((c.message.id, c.event_id_for(user)?)))
+            .collect();
+        ids.sort_unstable();
+        let event_ids: Vec<i64> = ids.iter().map(|(_, event_id)| *event_id).collect();
+        assert_eq!(event_ids, (1..=events).collect::<Vec<_>>(), "user {user}");
+        assert_eq!(app.state.db.latest_event_id(user).await.unwrap(), events);
+        let log = app.state.db.events_after(user, 0, 100).await.unwrap();
+        let in_log: Vec<(i64, i64)> = log.iter().map(|e| (e.message.id, e.event_id)).collect();
+        assert_eq!(
+            in_log, ids,
+            "the log holds what the answers said, user {user}"
+        );
+    }
+    let conversations = |user: i64| {
+        let db = std::sync::Arc::clone(&app.state.db);
+        async move {
+            let rows = db
+                .list_conversations(user, Before::START, 10)
+                .await
+                .unwrap();
+            rows.into_iter()
+                .map(|c| (c.other_user_id, c.last_message.content, c.unread_count))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        conversations(bob).await,
+        [(ann, "b2".to_owned(), 3), (cy, "c1".to_owned(), 1)]
+    );
+    assert_eq!(
+        conversations(ann).await,
+        [(bob, "b2".to_owned(), 2), (ann, "note".to_owned(), 1)]
+    );
+    assert_eq!(conversations(cy).await, [(bob, "c1".to_owned(), 0)]);
     app.stop().await;
 }
 

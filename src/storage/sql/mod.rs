@@ -92,6 +92,31 @@ pub(crate) struct MemberRow<'a> {
     pub unread: i64,
 }
 
+/// Each message's id among `stored` (sorted by id), or `None` where it was
+/// not stored or `stores(index)` says it was not to be. RETURNING gives no
+/// row order, so rows are matched back by their content; of equal
+/// messages, the earlier one gets the lower id.
+pub(crate) fn stored_ids_in_request_order(
+    messages: &[super::NewMessage],
+    stores: impl Fn(usize) -> bool,
+    stored: &[super::MessageRecord],
+) -> Vec<Option<i64>> {
+    let mut by_content: std::collections::HashMap<_, Vec<i64>> = std::collections::HashMap::new();
+    for r in stored.iter().rev() {
+        let ids = (r.sender_id, r.recipient_id, r.parent_id, r.created_at);
+        let key = (ids, r.content.as_str(), r.conversation_id.as_str());
+        by_content.entry(key).or_default().push(r.id);
+    }
+    let mut ids_in_order = Vec::with_capacity(messages.len());
+    for (index, m) in messages.iter().enumerate() {
+        let ids = (m.sender_id, m.recipient_id, m.parent_id, m.now);
+        let key = (ids, m.content.as_str(), m.conversation_id.as_str());
+        let id = stores(index).then(|| by_content.get_mut(&key).and_then(Vec::pop));
+        ids_in_order.push(id.flatten());
+    }
+    ids_in_order
+}
+
 /// What a batch does with each message it was handed.
 pub(crate) enum Plan {
     /// Store it (so far: later checks may still refuse it).
