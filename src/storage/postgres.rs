@@ -201,8 +201,9 @@ impl PostgresStore {
         use super::{LoggedChange, MessageChange, MessageRecord, StorageError};
         // Conversation rows are merged before the heads are bumped (the
         // scalar subquery on `members` runs first), the order every other
-        // write takes them in, and each in key order: no deadlock with a
-        // concurrent writer. Only active recipients' messages are stored.
+        // write takes them in, and each in key order, bytewise as Rust sorts
+        // the general path's (COLLATE "C"): no deadlock with a concurrent
+        // writer. Only active recipients' messages are stored.
         static SEND: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "WITH input AS (\
@@ -223,10 +224,10 @@ impl PostgresStore {
                  members AS (\
                    INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
                    last_message_id, last_created_at, unread_count) \
-                   SELECT DISTINCT ON (user_id, other_user_id, conversation_id) user_id, other_user_id, \
-                   conversation_id, id, created_at, \
+                   SELECT DISTINCT ON (user_id, other_user_id, conversation_id COLLATE \"C\") user_id, \
+                   other_user_id, conversation_id, id, created_at, \
                    sum(unread) OVER (PARTITION BY user_id, other_user_id, conversation_id) FROM views \
-                   ORDER BY user_id, other_user_id, conversation_id, created_at DESC, id DESC{} \
+                   ORDER BY user_id, other_user_id, conversation_id COLLATE \"C\", created_at DESC, id DESC{} \
                    RETURNING 1), \
                  audience AS (\
                    SELECT sender_id AS user_id, id FROM stored \
