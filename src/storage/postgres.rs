@@ -288,22 +288,27 @@ impl PostgresStore {
         self.pages
             .forget(stored.iter().flat_map(|m| [m.sender_id, m.recipient_id]));
         let stored_ids = super::sql::stored_ids_in_request_order(messages, |_| true, &stored);
-        // Why a message was refused is read only when one was (rarely).
+        // Why a message was refused is read only when one was (rarely), and
+        // after the commit: its failure must not fail the batch, or a retry
+        // would store the batch's other messages again.
         let refused: Vec<i64> = messages
             .iter()
             .zip(&stored_ids)
             .filter(|(_, id)| id.is_none())
             .map(|(m, _)| m.recipient_id)
             .collect();
-        let existing: std::collections::HashSet<i64> = if refused.is_empty() {
-            std::collections::HashSet::new()
+        let existing: Option<std::collections::HashSet<i64>> = if refused.is_empty() {
+            Some(std::collections::HashSet::new())
         } else {
             sqlx::query_scalar("SELECT id FROM users WHERE id = ANY($1::bigint[])")
                 .bind(refused) // $1
                 .fetch_all(self.reader())
-                .await?
-                .into_iter()
-                .collect()
+                .await
+                .inspect_err(
+                    |error| tracing::debug!(error = %error, "reading refused recipients failed"),
+                )
+                .ok()
+                .map(|ids| ids.into_iter().collect())
         };
         let mut by_id: std::collections::HashMap<i64, MessageRecord> =
             stored.into_iter().map(|m| (m.id, m)).collect();
@@ -312,10 +317,12 @@ impl PostgresStore {
             .zip(stored_ids)
             .map(|(m, id)| {
                 let Some(message) = id.and_then(|id| by_id.remove(&id)) else {
-                    return Err(if existing.contains(&m.recipient_id) {
-                        StorageError::RecipientDisabled
-                    } else {
-                        StorageError::NotFound("recipient")
+                    return Err(match &existing {
+                        Some(existing) if !existing.contains(&m.recipient_id) => {
+                            StorageError::NotFound("recipient")
+                        }
+                        // Disabled; or gone, when that could not be read.
+                        _ => StorageError::RecipientDisabled,
                     });
                 };
                 let event_ids = message
