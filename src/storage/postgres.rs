@@ -178,7 +178,7 @@ impl PostgresStore {
     /// A batch of plain sends (no reply, no request id) as one statement,
     /// its own transaction: one round trip instead of seven (begin, read the
     /// participants, insert, conversation rows, heads, events, commit). A
-    /// round trip costs 0.5-0.9 ms while the server and PostgreSQL share
+    /// round trip costs 0.5-0.8 ms while the server and PostgreSQL share
     /// the cores, and a batch waited for seven of them. `None` for a batch
     /// the general path must write.
     async fn send_in_one_statement(
