@@ -279,15 +279,15 @@ impl PostgresStore {
         let mut events: std::collections::HashMap<(i64, i64), i64> =
             std::collections::HashMap::with_capacity(rows.len());
         // Two rows per message (one per event), one record each, by id.
-        let mut by_id = std::collections::BTreeMap::new();
+        let mut stored = std::collections::BTreeMap::new();
         for row in rows {
             events.insert((row.message.id, row.event_user_id), row.event_id);
-            by_id.entry(row.message.id).or_insert(row.message);
+            stored.entry(row.message.id).or_insert(row.message);
         }
-        let stored: Vec<MessageRecord> = by_id.into_values().collect();
         self.pages
-            .forget(stored.iter().flat_map(|m| [m.sender_id, m.recipient_id]));
-        let stored_ids = super::sql::stored_ids_in_request_order(messages, |_| true, &stored);
+            .forget(stored.values().flat_map(|m| [m.sender_id, m.recipient_id]));
+        let stored_ids =
+            super::sql::stored_ids_in_request_order(messages, |_| true, stored.values());
         // Why a message was refused is read only when one was (rarely), and
         // after the commit: its failure must not fail the batch, or a retry
         // would store the batch's other messages again.
@@ -310,13 +310,11 @@ impl PostgresStore {
                 .ok()
                 .map(|ids| ids.into_iter().collect())
         };
-        let mut by_id: std::collections::HashMap<i64, MessageRecord> =
-            stored.into_iter().map(|m| (m.id, m)).collect();
         Ok(messages
             .iter()
             .zip(stored_ids)
             .map(|(m, id)| {
-                let Some(message) = id.and_then(|id| by_id.remove(&id)) else {
+                let Some(message) = id.and_then(|id| stored.remove(&id)) else {
                     return Err(match &existing {
                         Some(existing) if !existing.contains(&m.recipient_id) => {
                             StorageError::NotFound("recipient")

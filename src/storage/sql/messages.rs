@@ -118,7 +118,7 @@ macro_rules! impl_message_repository {
                 let stored_ids = $crate::storage::sql::stored_ids_in_request_order(
                     &messages,
                     |index| matches!(plans[index], Plan::Store),
-                    &stored,
+                    stored.iter(),
                 );
                 // The claimed request ids now name their messages.
                 let named: Vec<(i64, &str, i64)> = messages

@@ -92,17 +92,17 @@ pub(crate) struct MemberRow<'a> {
     pub unread: i64,
 }
 
-/// Each message's id among `stored` (sorted by id), or `None` where it was
+/// Each message's id among `stored` (in id order), or `None` where it was
 /// not stored or `stores(index)` says it was not to be. RETURNING gives no
 /// row order, so rows are matched back by their content; of equal
 /// messages, the earlier one gets the lower id.
-pub(crate) fn stored_ids_in_request_order(
-    messages: &[super::NewMessage],
+pub(crate) fn stored_ids_in_request_order<'a>(
+    messages: &'a [super::NewMessage],
     stores: impl Fn(usize) -> bool,
-    stored: &[super::MessageRecord],
+    stored: impl DoubleEndedIterator<Item = &'a super::MessageRecord>,
 ) -> Vec<Option<i64>> {
     let mut by_content: std::collections::HashMap<_, Vec<i64>> = std::collections::HashMap::new();
-    for r in stored.iter().rev() {
+    for r in stored.rev() {
         let ids = (r.sender_id, r.recipient_id, r.parent_id, r.created_at);
         let key = (ids, r.content.as_str(), r.conversation_id.as_str());
         by_content.entry(key).or_default().push(r.id);
