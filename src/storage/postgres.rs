@@ -86,12 +86,16 @@ impl PostgresStore {
         .await?)
     }
 
-    /// Merges each participant's row (one per key, in key order) with one
-    /// upsert over arrays.
-    async fn upsert_member_rows(
+    /// Merges the participants' conversation rows of the `stored` messages
+    /// (one per key, in key order) with one upsert over arrays.
+    async fn merge_conversation_rows(
         conn: &mut sqlx::PgConnection,
-        rows: &[super::sql::MemberRow<'_>],
+        stored: &[super::MessageRecord],
     ) -> Result<()> {
+        let rows = super::sql::member_rows(stored);
+        if rows.is_empty() {
+            return Ok(());
+        }
         static UPSERT: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
@@ -102,12 +106,12 @@ impl PostgresStore {
             )
         });
         sqlx::query(sqlx::AssertSqlSafe(UPSERT.as_str()))
-            .bind(column(rows, |r| r.user_id)) // $1
-            .bind(column(rows, |r| r.other_user_id)) // $2
-            .bind(column(rows, |r| r.conversation_id)) // $3
-            .bind(column(rows, |r| r.last_message_id)) // $4
-            .bind(column(rows, |r| r.last_created_at)) // $5
-            .bind(column(rows, |r| r.unread)) // $6
+            .bind(column(&rows, |r| r.user_id)) // $1
+            .bind(column(&rows, |r| r.other_user_id)) // $2
+            .bind(column(&rows, |r| r.conversation_id)) // $3
+            .bind(column(&rows, |r| r.last_message_id)) // $4
+            .bind(column(&rows, |r| r.last_created_at)) // $5
+            .bind(column(&rows, |r| r.unread)) // $6
             .execute(conn)
             .await?;
         Ok(())

@@ -139,25 +139,12 @@ impl SqliteStore {
         Ok(select.build_query_as().fetch_all(conn).await?)
     }
 
-    /// Merges each participant's row (one per key) with one multi-row upsert.
-    async fn upsert_member_rows(
-        conn: &mut sqlx::SqliteConnection,
-        rows: &[super::sql::MemberRow<'_>],
+    /// The insert trigger `messages_merge_conversation` has merged them.
+    #[allow(clippy::unused_async)]
+    async fn merge_conversation_rows(
+        _conn: &mut sqlx::SqliteConnection,
+        _stored: &[super::MessageRecord],
     ) -> Result<()> {
-        let mut upsert = sqlx::QueryBuilder::<Sqlite>::new(
-            "INSERT INTO conversation_members (user_id, other_user_id, conversation_id, \
-             last_message_id, last_created_at, unread_count) ",
-        );
-        upsert.push_values(rows, |mut row, member| {
-            row.push_bind(member.user_id)
-                .push_bind(member.other_user_id)
-                .push_bind(member.conversation_id.to_owned())
-                .push_bind(member.last_message_id)
-                .push_bind(member.last_created_at)
-                .push_bind(member.unread);
-        });
-        upsert.push(super::sql::MEMBER_UPSERT_CONFLICT);
-        upsert.build().execute(conn).await?;
         Ok(())
     }
 

@@ -134,43 +134,7 @@ macro_rules! impl_message_repository {
                     name.push(") AS v WHERE message_requests.sender_id = v.column1 AND message_requests.request_id = v.column2");
                     name.build().execute(&mut *tx).await?;
                 }
-                // One upsert row per participant: the newest message and the
-                // unread messages it gained. Rows come in key order, the same
-                // in every transaction, so concurrent writers of one
-                // conversation cannot deadlock on PostgreSQL.
-                let mut members: BTreeMap<(i64, i64, &str), (&MessageRecord, i64)> = BTreeMap::new();
-                for record in &stored {
-                    let (sender, recipient) = (record.sender_id, record.recipient_id);
-                    let mut views = vec![(recipient, sender, 1)];
-                    if sender != recipient {
-                        views.push((sender, recipient, 0));
-                    }
-                    for (user_id, other_user_id, unread) in views {
-                        let entry = members
-                            .entry((user_id, other_user_id, record.conversation_id.as_str()))
-                            .or_insert((record, 0));
-                        if (record.created_at, record.id) > (entry.0.created_at, entry.0.id) {
-                            entry.0 = record;
-                        }
-                        entry.1 += unread;
-                    }
-                }
-                if !members.is_empty() {
-                    let rows: Vec<$crate::storage::sql::MemberRow> = members
-                        .iter()
-                        .map(|((user_id, other_user_id, conversation_id), (newest, unread))| {
-                            $crate::storage::sql::MemberRow {
-                                user_id: *user_id,
-                                other_user_id: *other_user_id,
-                                conversation_id,
-                                last_message_id: newest.id,
-                                last_created_at: newest.created_at,
-                                unread: *unread,
-                            }
-                        })
-                        .collect();
-                    <$store>::upsert_member_rows(&mut *tx, &rows).await?;
-                }
+                <$store>::merge_conversation_rows(&mut *tx, &stored).await?;
                 let now = messages.iter().map(|m| m.now).max().unwrap_or_default();
                 let touched: Vec<i64> = stored.iter().flat_map(|m| [m.sender_id, m.recipient_id]).collect();
                 let logged = if <$store>::LOGS_SENDS_BY_TRIGGER {

@@ -92,6 +92,44 @@ pub(crate) struct MemberRow<'a> {
     pub unread: i64,
 }
 
+/// One row per participant and conversation of the `stored` messages: the
+/// newest message and the unread messages it gained. Rows come in key order,
+/// the same in every transaction, so concurrent writers of one conversation
+/// cannot deadlock on PostgreSQL.
+pub(crate) fn member_rows(stored: &[super::MessageRecord]) -> Vec<MemberRow<'_>> {
+    let mut members: std::collections::BTreeMap<(i64, i64, &str), (&super::MessageRecord, i64)> =
+        std::collections::BTreeMap::new();
+    for record in stored {
+        let (sender, recipient) = (record.sender_id, record.recipient_id);
+        let mut views = vec![(recipient, sender, 1)];
+        if sender != recipient {
+            views.push((sender, recipient, 0));
+        }
+        for (user_id, other_user_id, unread) in views {
+            let entry = members
+                .entry((user_id, other_user_id, record.conversation_id.as_str()))
+                .or_insert((record, 0));
+            if (record.created_at, record.id) > (entry.0.created_at, entry.0.id) {
+                entry.0 = record;
+            }
+            entry.1 += unread;
+        }
+    }
+    members
+        .into_iter()
+        .map(
+            |((user_id, other_user_id, conversation_id), (newest, unread))| MemberRow {
+                user_id,
+                other_user_id,
+                conversation_id,
+                last_message_id: newest.id,
+                last_created_at: newest.created_at,
+                unread,
+            },
+        )
+        .collect()
+}
+
 /// Each message's id among `stored` (in id order), or `None` where it was
 /// not stored or `stores(index)` says it was not to be. RETURNING gives no
 /// row order, so rows are matched back by their content; of equal
