@@ -74,8 +74,8 @@ struct Options {
     /// HTTP/2 connections the callers share.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Comma-separated scenarios (`logs` and `cluster`, which needs
-    /// PostgreSQL, are not in the default set).
+    /// Comma-separated scenarios (`logs`, `targets` and `cluster`, which
+    /// needs PostgreSQL, are not in the default set).
     #[arg(long, value_delimiter = ',', default_values_t = ALL_SCENARIOS.map(String::from))]
     scenarios: Vec<String>,
     /// An empty database to run on (PostgreSQL: pgbench runs beside it);
@@ -344,21 +344,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
     for scenario in &options.scenarios {
         match scenario.as_str() {
             "health" => {
-                let clients: Vec<_> = (0..concurrency)
-                    .map(|w| HealthClient::new(channel(w)))
-                    .collect();
-                let sample = drive(concurrency, duration, move |w, _| {
-                    let mut client = clients[w].clone();
-                    async move {
-                        client
-                            .check(HealthCheckRequest {
-                                service: String::new(),
-                            })
-                            .await
-                            .is_ok()
-                    }
-                })
-                .await;
+                let sample = health_load(&channels, concurrency, duration).await;
                 rows.push(Row {
                     name: "health Check".into(),
                     sample,
@@ -438,24 +424,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 });
             }
             "validate" => {
-                let clients: Vec<_> = (0..concurrency)
-                    .map(|w| AuthServiceClient::new(channel(w)))
-                    .collect();
-                let tokens = Arc::clone(&tokens);
-                let sample = drive(concurrency, duration, move |w, _| {
-                    let mut client = clients[w].clone();
-                    let token = tokens[w % tokens.len()].clone();
-                    async move {
-                        client
-                            .validate_token(proto::ValidateTokenRequest {
-                                token,
-                                ..Default::default()
-                            })
-                            .await
-                            .is_ok_and(|r| r.into_inner().active)
-                    }
-                })
-                .await;
+                let sample = validate_load(&channels, &tokens, concurrency, duration).await;
                 rows.push(Row {
                     name: "ValidateToken".into(),
                     sample,
@@ -527,27 +496,7 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 });
             }
             "send" => {
-                let clients: Vec<_> = (0..concurrency)
-                    .map(|w| MessageServiceClient::new(channel(w)))
-                    .collect();
-                let (tokens, ids) = (Arc::clone(&tokens), Arc::clone(&ids));
-                let sample = drive(concurrency, duration, move |w, n| {
-                    let mut client = clients[w].clone();
-                    let from = w % tokens.len();
-                    let to = (from + 1 + (n as usize % (ids.len() - 1))) % ids.len();
-                    let request = bearer(
-                        proto::SendMessageRequest {
-                            recipient_id: ids[to],
-                            content: "benchmark message".into(),
-                            parent_id: None,
-                            conversation_id: None,
-                            request_id: None,
-                        },
-                        &tokens[from],
-                    );
-                    async move { client.send_message(request).await.is_ok() }
-                })
-                .await;
+                let sample = send_load(&channels, &tokens, &ids, concurrency, duration).await;
                 rows.push(Row {
                     name: "SendMessage".into(),
                     sample,
@@ -561,25 +510,47 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                         .message(sender, reader, format!("stored message {i}"))
                         .await?;
                 }
-                let clients: Vec<_> = (0..concurrency)
-                    .map(|w| MessageServiceClient::new(channel(w)))
-                    .collect();
-                let token = tokens[0].clone();
-                let sample = drive(concurrency, duration, move |w, _| {
-                    let mut client = clients[w].clone();
-                    let request = bearer(proto::ListMessagesRequest::default(), &token);
-                    async move {
-                        client
-                            .list_messages(request)
-                            .await
-                            .is_ok_and(|r| r.into_inner().messages.len() == 50)
-                    }
-                })
-                .await;
+                let sample = list_load(&channels, &tokens[0], concurrency, duration).await;
                 rows.push(Row {
                     name: "ListMessages (10k, first page)".into(),
                     sample,
                 });
+            }
+            "targets" => {
+                let url = match &target {
+                    DatabaseTarget::Postgres(url) => Some(url.as_str()),
+                    DatabaseTarget::Sqlite(_) => None,
+                };
+                let lister = mint_users(&seeder, "lister", 2).await?;
+                seeder
+                    .messages(
+                        lister[1].0,
+                        lister[0].0,
+                        (0..10_000).map(|i| format!("stored message {i}")),
+                    )
+                    .await?;
+                let loads = Loads {
+                    channels: &channels,
+                    tokens: &tokens,
+                    ids: &ids,
+                    lister_token: &lister[0].1,
+                    concurrency,
+                };
+                for (name, rounds) in target_ratios(&loads, url, options.seconds.max(3)).await? {
+                    let mut sorted = rounds.clone();
+                    sorted.sort_by(f64::total_cmp);
+                    let median = sorted[sorted.len() / 2];
+                    summary.push(format!(
+                        "{name}: median {median:.0}% over {} alternated rounds ({})",
+                        rounds.len(),
+                        rounds
+                            .iter()
+                            .map(|r| format!("{r:.0}%"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    extra.push((format!("target_{}_median_percent", slug(&name)), median));
+                }
             }
             "replay" => {
                 // A client reconnecting after missing 10,000 events: from
@@ -1305,22 +1276,231 @@ fn count_log_bytes() -> Arc<std::sync::atomic::AtomicU64> {
     bytes
 }
 
+/// `drive` with a client of its own for each caller, made by `client` over
+/// the shared connections.
+async fn drive_clients<C, F, Fut>(
+    channels: &[Channel],
+    concurrency: usize,
+    duration: Duration,
+    client: fn(Channel) -> C,
+    call: F,
+) -> Sample
+where
+    C: Clone + Send + Sync + 'static,
+    F: Fn(C, usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let clients: Vec<C> = (0..concurrency)
+        .map(|w| client(channels[w % channels.len()].clone()))
+        .collect();
+    drive(concurrency, duration, move |w, n| {
+        call(clients[w].clone(), w, n)
+    })
+    .await
+}
+
+async fn health_load(channels: &[Channel], concurrency: usize, duration: Duration) -> Sample {
+    let check = HealthCheckRequest {
+        service: String::new(),
+    };
+    drive_clients(
+        channels,
+        concurrency,
+        duration,
+        HealthClient::new,
+        move |mut client, _, _| {
+            let request = check.clone();
+            async move { client.check(request).await.is_ok() }
+        },
+    )
+    .await
+}
+
 async fn get_me_load(
     channels: &[Channel],
     tokens: &Arc<Vec<String>>,
     concurrency: usize,
     duration: Duration,
 ) -> Sample {
-    let clients: Vec<_> = (0..concurrency)
-        .map(|w| AuthServiceClient::new(channels[w % channels.len()].clone()))
-        .collect();
     let tokens = Arc::clone(tokens);
-    drive(concurrency, duration, move |w, _| {
-        let mut client = clients[w].clone();
-        let request = bearer(proto::GetMeRequest {}, &tokens[w % tokens.len()]);
-        async move { client.get_me(request).await.is_ok() }
-    })
+    drive_clients(
+        channels,
+        concurrency,
+        duration,
+        AuthServiceClient::new,
+        move |mut client, w, _| {
+            let request = bearer(proto::GetMeRequest {}, &tokens[w % tokens.len()]);
+            async move { client.get_me(request).await.is_ok() }
+        },
+    )
     .await
+}
+
+async fn validate_load(
+    channels: &[Channel],
+    tokens: &Arc<Vec<String>>,
+    concurrency: usize,
+    duration: Duration,
+) -> Sample {
+    let tokens = Arc::clone(tokens);
+    drive_clients(
+        channels,
+        concurrency,
+        duration,
+        AuthServiceClient::new,
+        move |mut client, w, _| {
+            let request = proto::ValidateTokenRequest {
+                token: tokens[w % tokens.len()].clone(),
+                ..Default::default()
+            };
+            async move {
+                client
+                    .validate_token(request)
+                    .await
+                    .is_ok_and(|r| r.into_inner().active)
+            }
+        },
+    )
+    .await
+}
+
+/// Each caller sends as one of the `tokens`' users to the others in turn.
+async fn send_load(
+    channels: &[Channel],
+    tokens: &Arc<Vec<String>>,
+    ids: &Arc<Vec<i64>>,
+    concurrency: usize,
+    duration: Duration,
+) -> Sample {
+    let (tokens, ids) = (Arc::clone(tokens), Arc::clone(ids));
+    drive_clients(
+        channels,
+        concurrency,
+        duration,
+        MessageServiceClient::new,
+        move |mut client, w, n| {
+            let from = w % tokens.len();
+            let to = (from + 1 + (n as usize % (ids.len() - 1))) % ids.len();
+            let request = bearer(
+                proto::SendMessageRequest {
+                    recipient_id: ids[to],
+                    content: "benchmark message".into(),
+                    parent_id: None,
+                    conversation_id: None,
+                    request_id: None,
+                },
+                &tokens[from],
+            );
+            async move { client.send_message(request).await.is_ok() }
+        },
+    )
+    .await
+}
+
+/// The first page (50 messages) of `token`'s user, who has at least that many.
+async fn list_load(
+    channels: &[Channel],
+    token: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> Sample {
+    let token = token.to_owned();
+    drive_clients(
+        channels,
+        concurrency,
+        duration,
+        MessageServiceClient::new,
+        move |mut client, _, _| {
+            let request = bearer(proto::ListMessagesRequest::default(), &token);
+            async move {
+                client
+                    .list_messages(request)
+                    .await
+                    .is_ok_and(|r| r.into_inner().messages.len() == 50)
+            }
+        },
+    )
+    .await
+}
+
+/// What the `targets` scenario drives.
+struct Loads<'a> {
+    channels: &'a [Channel],
+    tokens: &'a Arc<Vec<String>>,
+    ids: &'a Arc<Vec<i64>>,
+    /// A user with 10,000 messages.
+    lister_token: &'a str,
+    concurrency: usize,
+}
+
+/// Seconds of one slice of the `targets` scenario (pgbench's slices too).
+const TARGET_SLICE: Duration = Duration::from_secs(2);
+
+/// The issue's ratio targets, each as one figure per round. A round runs
+/// every side of every ratio for one slice, back to back, and the order
+/// turns from round to round: on a host whose speed drifts (steal time),
+/// both sides of a ratio then see the same host, where scenarios run
+/// minutes apart do not. PostgreSQL adds SendMessage against pgbench's
+/// single-row INSERT and ListMessages against its SELECT.
+async fn target_ratios(
+    loads: &Loads<'_>,
+    postgres: Option<&str>,
+    rounds: u64,
+) -> anyhow::Result<Vec<(String, Vec<f64>)>> {
+    let pgbench = postgres.map(Pgbench::prepare).transpose()?;
+    let (c, slice) = (loads.concurrency, TARGET_SLICE);
+    let mut ratios: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut record = |name: &str, ratio: f64| match ratios.iter_mut().find(|(n, _)| n == name) {
+        Some((_, rounds)) => rounds.push(ratio),
+        None => ratios.push((name.to_owned(), vec![ratio])),
+    };
+    for round in 0..rounds {
+        let sides = if pgbench.is_some() { 7 } else { 3 };
+        let mut rates = [0.0f64; 7];
+        for step in 0..sides {
+            let side = (step + round as usize) % sides;
+            rates[side] = match side {
+                0 => health_load(loads.channels, c, slice).await.rate(),
+                1 => get_me_load(loads.channels, loads.tokens, c, slice)
+                    .await
+                    .rate(),
+                2 => validate_load(loads.channels, loads.tokens, c, slice)
+                    .await
+                    .rate(),
+                3 => send_load(loads.channels, loads.tokens, loads.ids, c, slice)
+                    .await
+                    .rate(),
+                4 => list_load(loads.channels, loads.lister_token, c, slice)
+                    .await
+                    .rate(),
+                5 => pgbench
+                    .as_ref()
+                    .map_or(Ok(0.0), |p| p.rate("insert", slice, c))?,
+                _ => pgbench
+                    .as_ref()
+                    .map_or(Ok(0.0), |p| p.rate("select", slice, c))?,
+            };
+        }
+        record("GetMe / health Check", rates[1] / rates[0] * 100.0);
+        record("ValidateToken / health Check", rates[2] / rates[0] * 100.0);
+        if pgbench.is_some() {
+            record("SendMessage / pgbench INSERT", rates[3] / rates[5] * 100.0);
+            record(
+                "ListMessages first page / pgbench SELECT",
+                rates[4] / rates[6] * 100.0,
+            );
+        }
+    }
+    Ok(ratios)
+}
+
+/// A name as a JSON key: lower case, words joined by `_`.
+fn slug(name: &str) -> String {
+    name.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect::<Vec<_>>()
+        .join("_")
 }
 
 /// Streams kept open while deliveries are timed.
@@ -1609,52 +1789,86 @@ async fn idle_streams() -> anyhow::Result<(f64, f64)> {
 
 /// `pgbench`'s single-row INSERT and SELECT rates on the same server.
 fn pgbench(url: &str, seconds: u64, clients: usize) -> anyhow::Result<Vec<(String, f64)>> {
-    let dir = std::env::temp_dir().join(format!("ai-message-pgbench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let psql = |sql: &str| {
+    let pgbench = Pgbench::prepare(url)?;
+    let seconds = Duration::from_secs(seconds);
+    Ok(vec![
+        (
+            "insert".to_owned(),
+            pgbench.rate("insert", seconds, clients)?,
+        ),
+        (
+            "select".to_owned(),
+            pgbench.rate("select", seconds, clients)?,
+        ),
+    ])
+}
+
+/// pgbench's single-row INSERT and primary-key SELECT on a table of its
+/// own, dropped again with this value.
+struct Pgbench {
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Pgbench {
+    fn prepare(url: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("ai-message-pgbench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let pgbench = Self {
+            url: url.to_owned(),
+            dir,
+        };
+        pgbench.psql(
+            "DROP TABLE IF EXISTS pgbench_single; \
+             CREATE TABLE pgbench_single (id BIGSERIAL PRIMARY KEY, v TEXT NOT NULL); \
+             INSERT INTO pgbench_single (v) SELECT 'row ' || g FROM generate_series(1, 10000) g;",
+        )?;
+        for (name, script) in [
+            (
+                "insert",
+                "INSERT INTO pgbench_single (v) VALUES ('benchmark message');\n",
+            ),
+            (
+                "select",
+                "\\set id random(1, 10000)\nSELECT v FROM pgbench_single WHERE id = :id;\n",
+            ),
+        ] {
+            std::fs::write(pgbench.dir.join(format!("{name}.sql")), script)?;
+        }
+        Ok(pgbench)
+    }
+
+    fn psql(&self, sql: &str) -> std::io::Result<std::process::ExitStatus> {
         std::process::Command::new("psql")
             .env("PGOPTIONS", "-c client_min_messages=warning")
-            .args(["-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+            .args(["-q", "-v", "ON_ERROR_STOP=1", &self.url, "-c", sql])
             .status()
-    };
-    psql(
-        "DROP TABLE IF EXISTS pgbench_single; \
-         CREATE TABLE pgbench_single (id BIGSERIAL PRIMARY KEY, v TEXT NOT NULL); \
-         INSERT INTO pgbench_single (v) SELECT 'row ' || g FROM generate_series(1, 10000) g;",
-    )?;
-    let scripts = [
-        (
-            "insert",
-            "INSERT INTO pgbench_single (v) VALUES ('benchmark message');\n",
-        ),
-        (
-            "select",
-            "\\set id random(1, 10000)\nSELECT v FROM pgbench_single WHERE id = :id;\n",
-        ),
-    ];
-    let mut rates = Vec::new();
-    for (name, script) in scripts {
-        let file = dir.join(format!("{name}.sql"));
-        std::fs::write(&file, script)?;
+    }
+
+    /// Transactions per second of the `script` ("insert" or "select"),
+    /// without pgbench's connection time.
+    fn rate(&self, script: &str, duration: Duration, clients: usize) -> anyhow::Result<f64> {
         let output = std::process::Command::new("pgbench")
             .args(["-n", "-M", "prepared", "-c"])
             .arg(clients.min(64).to_string())
             .args(["-j", "2", "-T"])
-            .arg(seconds.to_string())
+            .arg(duration.as_secs().max(1).to_string())
             .arg("-f")
-            .arg(&file)
-            .arg(url)
+            .arg(self.dir.join(format!("{script}.sql")))
+            .arg(&self.url)
             .output()?;
         let text = String::from_utf8_lossy(&output.stdout);
-        let rate = text
-            .lines()
+        text.lines()
             .find(|line| line.starts_with("tps = "))
             .and_then(|line| line.split_whitespace().nth(2))
             .and_then(|tps| tps.parse::<f64>().ok())
-            .ok_or_else(|| anyhow::anyhow!("pgbench printed no rate: {text}"))?;
-        rates.push((name.to_owned(), rate));
+            .ok_or_else(|| anyhow::anyhow!("pgbench printed no rate: {text}"))
     }
-    let _ = psql("DROP TABLE IF EXISTS pgbench_single");
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(rates)
+}
+
+impl Drop for Pgbench {
+    fn drop(&mut self) {
+        let _ = self.psql("DROP TABLE IF EXISTS pgbench_single");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
