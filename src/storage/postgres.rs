@@ -92,7 +92,7 @@ impl PostgresStore {
         conn: &mut sqlx::PgConnection,
         stored: &[super::MessageRecord],
     ) -> Result<()> {
-        let rows = super::sql::member_rows(stored);
+        let rows = member_rows(stored);
         if rows.is_empty() {
             return Ok(());
         }
@@ -102,7 +102,7 @@ impl PostgresStore {
                  last_message_id, last_created_at, unread_count) \
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
                  $5::bigint[], $6::bigint[]){}",
-                super::sql::MEMBER_UPSERT_CONFLICT
+                MEMBER_UPSERT_CONFLICT
             )
         });
         sqlx::query(sqlx::AssertSqlSafe(UPSERT.as_str()))
@@ -258,7 +258,7 @@ impl PostgresStore {
                    RETURNING user_id, event_id, message_id) \
                  SELECT m.*, l.user_id AS event_user_id, l.event_id \
                  FROM logged l JOIN stored m ON m.id = l.message_id",
-                super::sql::MEMBER_UPSERT_CONFLICT,
+                MEMBER_UPSERT_CONFLICT,
                 super::sql::HEAD_BUMP_CONFLICT
             )
         });
@@ -441,6 +441,67 @@ impl Database for PostgresStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Merges a new newest message and unread count into a participant's
+/// conversation row: the newer of the two last messages wins. (SQLite's
+/// insert trigger `messages_merge_conversation` merges the same way.)
+const MEMBER_UPSERT_CONFLICT: &str = " ON CONFLICT (user_id, other_user_id, conversation_id) DO UPDATE SET \
+     last_message_id = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+     > (conversation_members.last_created_at, conversation_members.last_message_id) \
+     THEN excluded.last_message_id ELSE conversation_members.last_message_id END, \
+     last_created_at = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
+     > (conversation_members.last_created_at, conversation_members.last_message_id) \
+     THEN excluded.last_created_at ELSE conversation_members.last_created_at END, \
+     unread_count = conversation_members.unread_count + excluded.unread_count";
+
+/// One participant's conversation row after a batch of sends: its newest
+/// message and the unread messages it gained.
+struct MemberRow<'a> {
+    user_id: i64,
+    other_user_id: i64,
+    conversation_id: &'a str,
+    last_message_id: i64,
+    last_created_at: i64,
+    unread: i64,
+}
+
+/// One row per participant and conversation of the `stored` messages: the
+/// newest message and the unread messages it gained. Rows come in key order,
+/// the same in every transaction, so concurrent writers of one conversation
+/// cannot deadlock on PostgreSQL.
+fn member_rows(stored: &[super::MessageRecord]) -> Vec<MemberRow<'_>> {
+    let mut members: std::collections::BTreeMap<(i64, i64, &str), (&super::MessageRecord, i64)> =
+        std::collections::BTreeMap::new();
+    for record in stored {
+        let (sender, recipient) = (record.sender_id, record.recipient_id);
+        let mut views = vec![(recipient, sender, 1)];
+        if sender != recipient {
+            views.push((sender, recipient, 0));
+        }
+        for (user_id, other_user_id, unread) in views {
+            let entry = members
+                .entry((user_id, other_user_id, record.conversation_id.as_str()))
+                .or_insert((record, 0));
+            if (record.created_at, record.id) > (entry.0.created_at, entry.0.id) {
+                entry.0 = record;
+            }
+            entry.1 += unread;
+        }
+    }
+    members
+        .into_iter()
+        .map(
+            |((user_id, other_user_id, conversation_id), (newest, unread))| MemberRow {
+                user_id,
+                other_user_id,
+                conversation_id,
+                last_message_id: newest.id,
+                last_created_at: newest.created_at,
+                unread,
+            },
+        )
+        .collect()
 }
 
 /// One field of every row, as the array a statement over `unnest` binds.

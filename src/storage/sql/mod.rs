@@ -64,71 +64,11 @@ macro_rules! impl_repositories {
     };
 }
 
-/// Merges a new newest message and unread count into a participant's
-/// conversation row: the newer of the two last messages wins.
-pub(crate) const MEMBER_UPSERT_CONFLICT: &str = " ON CONFLICT (user_id, other_user_id, conversation_id) DO UPDATE SET \
-     last_message_id = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
-     > (conversation_members.last_created_at, conversation_members.last_message_id) \
-     THEN excluded.last_message_id ELSE conversation_members.last_message_id END, \
-     last_created_at = CASE WHEN (excluded.last_created_at, excluded.last_message_id) \
-     > (conversation_members.last_created_at, conversation_members.last_message_id) \
-     THEN excluded.last_created_at ELSE conversation_members.last_created_at END, \
-     unread_count = conversation_members.unread_count + excluded.unread_count";
-
 /// Adds each user's count of new events to their head and answers the new
 /// heads (`RETURNING user_id, last_event_id`).
 pub(crate) const HEAD_BUMP_CONFLICT: &str = " ON CONFLICT (user_id) DO UPDATE SET \
      last_event_id = message_event_heads.last_event_id + excluded.last_event_id \
      RETURNING user_id, last_event_id";
-
-/// One participant's conversation row after a batch of sends: its newest
-/// message and the unread messages it gained.
-pub(crate) struct MemberRow<'a> {
-    pub user_id: i64,
-    pub other_user_id: i64,
-    pub conversation_id: &'a str,
-    pub last_message_id: i64,
-    pub last_created_at: i64,
-    pub unread: i64,
-}
-
-/// One row per participant and conversation of the `stored` messages: the
-/// newest message and the unread messages it gained. Rows come in key order,
-/// the same in every transaction, so concurrent writers of one conversation
-/// cannot deadlock on PostgreSQL.
-pub(crate) fn member_rows(stored: &[super::MessageRecord]) -> Vec<MemberRow<'_>> {
-    let mut members: std::collections::BTreeMap<(i64, i64, &str), (&super::MessageRecord, i64)> =
-        std::collections::BTreeMap::new();
-    for record in stored {
-        let (sender, recipient) = (record.sender_id, record.recipient_id);
-        let mut views = vec![(recipient, sender, 1)];
-        if sender != recipient {
-            views.push((sender, recipient, 0));
-        }
-        for (user_id, other_user_id, unread) in views {
-            let entry = members
-                .entry((user_id, other_user_id, record.conversation_id.as_str()))
-                .or_insert((record, 0));
-            if (record.created_at, record.id) > (entry.0.created_at, entry.0.id) {
-                entry.0 = record;
-            }
-            entry.1 += unread;
-        }
-    }
-    members
-        .into_iter()
-        .map(
-            |((user_id, other_user_id, conversation_id), (newest, unread))| MemberRow {
-                user_id,
-                other_user_id,
-                conversation_id,
-                last_message_id: newest.id,
-                last_created_at: newest.created_at,
-                unread,
-            },
-        )
-        .collect()
-}
 
 /// Each message's id among `stored` (in id order), or `None` where it was
 /// not stored or `stores(index)` says it was not to be. RETURNING gives no
