@@ -461,25 +461,27 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 extra.push(("offline_verify_tokens_per_second".into(), rate));
             }
             "validate-batch" => {
-                let clients: Vec<_> = (0..concurrency)
-                    .map(|w| AuthServiceClient::new(channel(w)))
-                    .collect();
                 let tokens = Arc::clone(&tokens);
-                let sample = drive(concurrency, duration, move |w, n| {
-                    let mut client = clients[w].clone();
-                    let batch: Vec<String> = (0..VALIDATE_BATCH)
-                        .map(|i| tokens[(w + n as usize + i) % tokens.len()].clone())
-                        .collect();
-                    async move {
-                        client
-                            .validate_tokens(proto::ValidateTokensRequest {
-                                tokens: batch,
-                                required_roles: Vec::new(),
-                            })
-                            .await
-                            .is_ok_and(|r| r.into_inner().results.iter().all(|r| r.active))
-                    }
-                })
+                let sample = drive_clients(
+                    &channels,
+                    concurrency,
+                    duration,
+                    AuthServiceClient::new,
+                    move |mut client, w, n| {
+                        let batch: Vec<String> = (0..VALIDATE_BATCH)
+                            .map(|i| tokens[(w + n as usize + i) % tokens.len()].clone())
+                            .collect();
+                        async move {
+                            client
+                                .validate_tokens(proto::ValidateTokensRequest {
+                                    tokens: batch,
+                                    required_roles: Vec::new(),
+                                })
+                                .await
+                                .is_ok_and(|r| r.into_inner().results.iter().all(|r| r.active))
+                        }
+                    },
+                )
                 .await;
                 let calls = sample.rate();
                 summary.push(format!(
@@ -503,14 +505,8 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 });
             }
             "list" => {
-                // One user with 10,000 messages, written straight to storage.
-                let (reader, sender) = (ids[0], ids[1]);
-                for i in 0..10_000 {
-                    seeder
-                        .message(sender, reader, format!("stored message {i}"))
-                        .await?;
-                }
-                let sample = list_load(&channels, &tokens[0], concurrency, duration).await;
+                let lister = user_with_messages(&seeder, "lister").await?;
+                let sample = list_load(&channels, &lister, concurrency, duration).await;
                 rows.push(Row {
                     name: "ListMessages (10k, first page)".into(),
                     sample,
@@ -521,19 +517,12 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     DatabaseTarget::Postgres(url) => Some(url.as_str()),
                     DatabaseTarget::Sqlite(_) => None,
                 };
-                let lister = mint_users(&seeder, "lister", 2).await?;
-                seeder
-                    .messages(
-                        lister[1].0,
-                        lister[0].0,
-                        (0..10_000).map(|i| format!("stored message {i}")),
-                    )
-                    .await?;
+                let lister = user_with_messages(&seeder, "target-lister").await?;
                 let loads = Loads {
                     channels: &channels,
                     tokens: &tokens,
                     ids: &ids,
-                    lister_token: &lister[0].1,
+                    lister_token: &lister,
                     concurrency,
                 };
                 for (name, rounds) in target_ratios(&loads, url, options.seconds.max(3)).await? {
@@ -619,26 +608,28 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     ("common, 2% of rows", "TOPIC17 and"),
                     ("rare, 10 rows", "needle"),
                 ] {
-                    let clients: Vec<_> = (0..concurrency)
-                        .map(|w| MessageServiceClient::new(channel(w)))
-                        .collect();
                     let token = token.clone();
-                    let sample = drive(concurrency, duration, move |w, _| {
-                        let mut client = clients[w].clone();
-                        let request = bearer(
-                            proto::SearchMessagesRequest {
-                                query: query.into(),
-                                ..Default::default()
-                            },
-                            &token,
-                        );
-                        async move {
-                            client
-                                .search_messages(request)
-                                .await
-                                .is_ok_and(|r| !r.into_inner().messages.is_empty())
-                        }
-                    })
+                    let sample = drive_clients(
+                        &channels,
+                        concurrency,
+                        duration,
+                        MessageServiceClient::new,
+                        move |mut client, _, _| {
+                            let request = bearer(
+                                proto::SearchMessagesRequest {
+                                    query: query.into(),
+                                    ..Default::default()
+                                },
+                                &token,
+                            );
+                            async move {
+                                client
+                                    .search_messages(request)
+                                    .await
+                                    .is_ok_and(|r| !r.into_inner().messages.is_empty())
+                            }
+                        },
+                    )
                     .await;
                     rows.push(Row {
                         name: format!("SearchMessages (100k, {name})"),
@@ -661,18 +652,20 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                 let cores = std::thread::available_parallelism().map_or(2, usize::from) as f64;
                 let ceiling = cores / one_hash.as_secs_f64();
                 // Successful logins alone: what the hasher gets out of the cores.
-                let login_clients: Vec<_> = (0..concurrency)
-                    .map(|w| AuthServiceClient::new(channel(w)))
-                    .collect();
-                let logins = drive(concurrency, duration, move |w, _| {
-                    let mut client = login_clients[w].clone();
-                    let request = proto::LoginRequest {
-                        username: format!("bench{}", w % 32),
-                        password: password.into(),
-                        device_info: None,
-                    };
-                    async move { client.login(request).await.is_ok() }
-                })
+                let logins = drive_clients(
+                    &channels,
+                    concurrency,
+                    duration,
+                    AuthServiceClient::new,
+                    move |mut client, w, _| {
+                        let request = proto::LoginRequest {
+                            username: format!("bench{}", w % 32),
+                            password: password.into(),
+                            device_info: None,
+                        };
+                        async move { client.login(request).await.is_ok() }
+                    },
+                )
                 .await;
                 summary.push(format!(
                     "Login: bcrypt cost {}, one hash {:.1} ms, ceiling {ceiling:.1} logins/s on {cores} cores; measured {:.1}/s = {:.0}% of the ceiling",
@@ -691,23 +684,25 @@ async fn run_all(options: Options) -> anyhow::Result<()> {
                     sample: logins,
                 });
                 let quiet = get_me_load(&channels, &tokens, 8, duration).await;
-                let flood_clients: Vec<_> = (0..64)
-                    .map(|w| AuthServiceClient::new(channel(w)))
-                    .collect();
-                let flood = tokio::spawn(drive(64, duration, move |w, n| {
-                    let mut client = flood_clients[w].clone();
-                    let request = proto::LoginRequest {
-                        username: format!("bench{}", w % 32),
-                        password: format!("wrong password {n}"),
-                        device_info: None,
-                    };
-                    async move {
-                        client
-                            .login(request)
-                            .await
-                            .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
-                    }
-                }));
+                let flood = tokio::spawn(drive_clients(
+                    &channels,
+                    64,
+                    duration,
+                    AuthServiceClient::new,
+                    move |mut client, w, n| {
+                        let request = proto::LoginRequest {
+                            username: format!("bench{}", w % 32),
+                            password: format!("wrong password {n}"),
+                            device_info: None,
+                        };
+                        async move {
+                            client
+                                .login(request)
+                                .await
+                                .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
+                        }
+                    },
+                ));
                 let mut loaded = get_me_load(&channels, &tokens, 8, duration).await;
                 let flood = flood.await?;
                 let mut quiet = quiet;
@@ -1278,17 +1273,18 @@ fn count_log_bytes() -> Arc<std::sync::atomic::AtomicU64> {
 
 /// `drive` with a client of its own for each caller, made by `client` over
 /// the shared connections.
-async fn drive_clients<C, F, Fut>(
+/// (The clients are made at once, so the load can be spawned.)
+fn drive_clients<C, F, Fut>(
     channels: &[Channel],
     concurrency: usize,
     duration: Duration,
     client: fn(Channel) -> C,
     call: F,
-) -> Sample
+) -> impl Future<Output = Sample> + Send + 'static
 where
     C: Clone + Send + Sync + 'static,
     F: Fn(C, usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send,
+    Fut: Future<Output = bool> + Send + 'static,
 {
     let clients: Vec<C> = (0..concurrency)
         .map(|w| client(channels[w % channels.len()].clone()))
@@ -1296,7 +1292,6 @@ where
     drive(concurrency, duration, move |w, n| {
         call(clients[w].clone(), w, n)
     })
-    .await
 }
 
 async fn health_load(channels: &[Channel], concurrency: usize, duration: Duration) -> Sample {
@@ -1397,6 +1392,21 @@ async fn send_load(
     .await
 }
 
+/// The token of a new user with 10,000 messages, written straight to
+/// storage (`name` tells the scenarios' users apart).
+async fn user_with_messages(seeder: &Seeder, name: &str) -> anyhow::Result<String> {
+    let users = mint_users(seeder, name, 2).await?;
+    let ((reader, token), (sender, _)) = (&users[0], &users[1]);
+    seeder
+        .messages(
+            *sender,
+            *reader,
+            (0..10_000).map(|i| format!("stored message {i}")),
+        )
+        .await?;
+    Ok(token.clone())
+}
+
 /// The first page (50 messages) of `token`'s user, who has at least that many.
 async fn list_load(
     channels: &[Channel],
@@ -1454,8 +1464,8 @@ async fn target_ratios(
         Some((_, rounds)) => rounds.push(ratio),
         None => ratios.push((name.to_owned(), vec![ratio])),
     };
+    let sides = if pgbench.is_some() { 7 } else { 3 };
     for round in 0..rounds {
-        let sides = if pgbench.is_some() { 7 } else { 3 };
         let mut rates = [0.0f64; 7];
         for step in 0..sides {
             let side = (step + round as usize) % sides;
